@@ -1,0 +1,1 @@
+"""Graph passes of the quaff backend, one module each: find, observe, rewrite."""

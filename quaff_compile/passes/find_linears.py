@@ -1,0 +1,197 @@
+"""Find the linears of a captured graph and decide which ones go to int8.
+
+After Dynamo capture, `nn.Linear`, its subclasses and `F.linear` all appear
+as `call_function` nodes whose target is the builtin `torch._C._nn.linear`
+(which `F.linear` is). Since torch 2.5 Dynamo lifts module parameters into
+graph inputs, so a frozen weight is a placeholder whose example input is the
+real `nn.Parameter`; older settings keep it as a `get_attr`, handled too.
+
+A linear is quantized only where its weight is a frozen parameter whose
+values we hold at compile time, the user's filter lets it through and
+`torch._int_mm` accepts its size. Every other linear stays in float, with the
+reason kept on its match for the log and for inspection.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
+
+from quaff_compile.config import QuaffConfig
+from quaff_compile.numerics import int_mm_refusal
+
+log = logging.getLogger(__name__)
+
+LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
+
+_ROOT_PATTERN = re.compile(r"""^(L|G)\[(['"])(.+?)\2\]""")
+_PART_PATTERN = re.compile(r"""\[(['"])(.+?)\1\]|\.([A-Za-z_]\w*)|\[(\d+)\]""")
+_CONTAINER_NAMES = {"__dict__", "_modules", "_parameters", "_buffers"}
+
+
+@dataclass
+class LinearMatch:
+    """One linear node of a graph and the decision taken on it."""
+
+    node: fx.Node
+    fqn: str
+    module: torch.nn.Module | None
+    input: fx.Node
+    weight_node: fx.Node
+    bias: fx.Node | None
+    weight: torch.Tensor | None
+    reason: str | None  # None: quantize; else why it stays in float
+
+    @property
+    def quantize(self) -> bool:
+        return self.reason is None
+
+
+class ParameterResolver:
+    """Map a graph input's Dynamo source to the parameter's fqn and module.
+
+    Dynamo names each graph input by a source expression such as
+    `L['self']._modules['model']...._parameters['weight']`. The root (`L['self']`)
+    is looked up in the frame Dynamo is compiling; when that root is a module,
+    the fqn comes from its `named_parameters()`, so it matches what users see.
+    Otherwise the fqn is spelled out from the source expression and the module
+    stays unknown.
+    """
+
+    def __init__(self, frame_locals: dict | None = None, frame_globals: dict | None = None):
+        if frame_locals is None and frame_globals is None:
+            frame_locals, frame_globals = _dynamo_frame_scopes()
+        self.frame_locals = frame_locals or {}
+        self.frame_globals = frame_globals or {}
+        self._parameter_names: dict[int, dict[int, str]] = {}
+        self.roots: list[torch.nn.Module] = []
+
+    def resolve(self, source_name: str, parameter: torch.Tensor) -> tuple[str, torch.nn.Module | None]:
+        root_match = _ROOT_PATTERN.match(source_name)
+        if root_match is not None:
+            scope = self.frame_locals if root_match.group(1) == "L" else self.frame_globals
+            root = scope.get(root_match.group(3))
+            if isinstance(root, torch.nn.Module):
+                name = self._names_of(root).get(id(parameter))
+                if name is not None:
+                    module_fqn = name.rsplit(".", 1)[0] if "." in name else ""
+                    return module_fqn, root.get_submodule(module_fqn)
+        return _fqn_from_source(source_name), None
+
+    def _names_of(self, root: torch.nn.Module) -> dict[int, str]:
+        if id(root) not in self._parameter_names:
+            self._parameter_names[id(root)] = {
+                id(parameter): name for name, parameter in root.named_parameters(remove_duplicate=False)
+            }
+            self.roots.append(root)
+        return self._parameter_names[id(root)]
+
+
+def _dynamo_frame_scopes() -> tuple[dict, dict]:
+    # Private API: the frame Dynamo is translating while it calls a backend.
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        translator = InstructionTranslator.current_tx()
+        return dict(translator.f_locals), dict(translator.f_globals)
+    except Exception:  # noqa: BLE001 - any failure only loses fqn resolution
+        log.debug("no Dynamo frame to resolve module names from; fqns come from source names")
+        return {}, {}
+
+
+def _fqn_from_source(source_name: str) -> str:
+    """Spell a module fqn from a Dynamo source name, dropping the root and containers."""
+    root_match = _ROOT_PATTERN.match(source_name)
+    rest = source_name[root_match.end():] if root_match else source_name
+    parts = []
+    for match in _PART_PATTERN.finditer(rest):
+        part = match.group(2) or match.group(3) or match.group(4)
+        if part not in _CONTAINER_NAMES:
+            parts.append(part)
+    return ".".join(parts[:-1])
+
+
+def _source_name(node: fx.Node) -> str:
+    grapharg = node.meta.get("grapharg")
+    if grapharg is None:
+        return node.target if node.op == "get_attr" else node.name
+    name = grapharg.source.name
+    return name() if callable(name) else name
+
+
+def _example_of(node: fx.Node, gm: fx.GraphModule, placeholders: dict[fx.Node, int], example_inputs) -> object:
+    if node.op == "placeholder" and node in placeholders:
+        index = placeholders[node]
+        return example_inputs[index] if index < len(example_inputs) else None
+    if node.op == "get_attr":
+        value = gm
+        for attribute in node.target.split("."):
+            value = getattr(value, attribute, None)
+        return value
+    return None
+
+
+def _linear_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
+    names = ("input", "weight", "bias")
+    values = list(node.args) + [node.kwargs[name] for name in names[len(node.args):] if name in node.kwargs]
+    bias = values[2] if len(values) > 2 else None
+    return values[0], values[1], bias
+
+
+def _refusal(weight: object, module, fqn: str, config: QuaffConfig) -> str | None:
+    if not isinstance(weight, torch.Tensor):
+        return "the weight is computed inside the graph, not a parameter"
+    if weight.requires_grad:
+        return "the weight is trainable (requires_grad=True)"
+    if isinstance(weight, FakeTensor) or weight.is_meta:
+        return "the weight's values are not available at compile time"
+    if weight.dim() != 2 or not weight.is_floating_point():
+        return f"the weight is {weight.dim()}-D {weight.dtype}, not a 2-D floating-point matrix"
+    if weight.device.type not in ("cpu", "cuda"):
+        return f"torch._int_mm does not run on device {weight.device.type!r}"
+    if not config.should_quantize(module, fqn):
+        return "excluded by skip_fqns or filter_fn"
+    return int_mm_refusal(in_features=weight.shape[1], out_features=weight.shape[0])
+
+
+def find_linears(
+    gm: fx.GraphModule,
+    example_inputs,
+    config: QuaffConfig,
+    resolver: ParameterResolver,
+) -> list[LinearMatch]:
+    """Return every linear node of `gm` with the int8-or-float decision on it."""
+    placeholders = {node: index for index, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
+    matches = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in LINEAR_TARGETS:
+            continue
+        input_node, weight_node, bias_node = _linear_args(node)
+        weight = _example_of(weight_node, gm, placeholders, example_inputs) if isinstance(weight_node, fx.Node) else None
+
+        if isinstance(weight, torch.Tensor):
+            fqn, module = resolver.resolve(_source_name(weight_node), weight)
+        else:
+            fqn, module = node.name, None
+        reason = _refusal(weight, module, fqn, config)
+        if reason is not None:
+            log.debug("linear %s (%s) stays in float: %s", node.name, fqn, reason)
+
+        matches.append(
+            LinearMatch(
+                node=node,
+                fqn=fqn,
+                module=module,
+                input=input_node,
+                weight_node=weight_node,
+                bias=bias_node,
+                weight=weight if isinstance(weight, torch.Tensor) else None,
+                reason=reason,
+            )
+        )
+    return matches

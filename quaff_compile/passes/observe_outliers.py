@@ -1,0 +1,90 @@
+"""Choose each linear's outlier channels from one batch, by running the graph.
+
+The method's rule (`mean_times`): a channel of a linear's input is an outlier
+where some |x| exceeds `threshold` times the mean |x| of that whole input. The
+channels are ranked by how many tokens hit the rule, and at most
+`floor(max_ratio * in_features)` of them are kept. Under the outlier spatial
+stability hypothesis these channels stay the same during fine-tuning, so they
+are chosen once, from the first batch the backend sees.
+
+The captured graph is run eagerly on its example inputs, under `no_grad` and
+with the RNG state restored afterwards, so calibration neither builds an
+autograd graph nor shifts the random numbers of the training run. Tensors
+that are not parameters are cloned first, so an in-place op in the graph
+cannot change the user's buffers or inputs twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.fx as fx
+
+log = logging.getLogger(__name__)
+
+
+def select_outlier_channels(x: torch.Tensor, threshold: float, max_ratio: float) -> list[int]:
+    """Return the outlier channels of activation `x` [..., in_features], most frequent first."""
+    in_features = x.shape[-1]
+    limit = math.floor(max_ratio * in_features)
+    if limit == 0 or x.numel() == 0:
+        return []
+    magnitude = x.detach().reshape(-1, in_features).abs().float()
+    mean = magnitude.mean()
+    if not torch.isfinite(mean) or mean == 0:
+        return []
+    hits = (magnitude > threshold * mean).sum(dim=0)
+    counts, channels = torch.sort(hits, descending=True, stable=True)
+    keep = int((counts[:limit] > 0).sum())
+    return channels[:keep].tolist()
+
+
+class _OutlierObserver(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, watched: set[fx.Node], threshold: float, max_ratio: float):
+        super().__init__(gm, garbage_collect_values=True)
+        self.watched = watched
+        self.threshold = threshold
+        self.max_ratio = max_ratio
+        self.channels: dict[str, list[int]] = {}
+
+    def run_node(self, node: fx.Node):
+        if node in self.watched:
+            args, kwargs = self.fetch_args_kwargs_from_env(node)
+            x = args[0] if args else kwargs["input"]
+            self.channels[node.name] = select_outlier_channels(x, self.threshold, self.max_ratio)
+        return super().run_node(node)
+
+
+def observe_outlier_channels(
+    gm: fx.GraphModule,
+    example_inputs,
+    linear_nodes: list[fx.Node],
+    threshold: float,
+    max_ratio: float,
+) -> dict[str, list[int]]:
+    """Run `gm` on `example_inputs` and return the outlier channels by linear node name.
+
+    Returns an empty mapping, after a warning, when the graph cannot run
+    eagerly on these inputs; the layers then get no outlier channels.
+    """
+    if not linear_nodes:
+        return {}
+    inputs = [
+        value.clone() if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) else value
+        for value in example_inputs
+    ]
+    devices = sorted({value.device.index for value in inputs if isinstance(value, torch.Tensor) and value.is_cuda})
+    observer = _OutlierObserver(gm, set(linear_nodes), threshold, max_ratio)
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            observer.run(*inputs)
+    except Exception as error:  # noqa: BLE001 - calibration is best effort
+        log.warning(
+            "could not run the graph to find outlier channels (%s: %s); its linears get none",
+            type(error).__name__,
+            error,
+        )
+        return {}
+    return observer.channels
