@@ -8,13 +8,14 @@ FX graph Dynamo captured and the real example inputs. The backend:
 2. copies the graph, because editing Dynamo's own graph in place breaks its
    bookkeeping;
 3. finds the linears and decides which go to int8 (`passes.find_linears`);
-4. chooses outlier channels for layers seen for the first time, from this
+4. rewrites the chosen linears (`passes.rewrite_linears`);
+5. chooses outlier channels for layers seen for the first time, from this
    batch (`passes.observe_outliers`), and quantizes their weights once;
-5. rewrites the chosen linears (`passes.rewrite_linears`);
 6. hands the graph to Inductor's `compile_fx`, with any Inductor options
    passed per compile so the process's global Inductor config is untouched;
-7. returns a wrapper that feeds the layer states into each call and stores
-   the moved `smooth_scale` after a training forward.
+7. returns a wrapper that looks up the layer states by the weights of each
+   call, feeds them in, and stores the moved `smooth_scale` after a
+   training forward.
 """
 
 from __future__ import annotations
@@ -32,30 +33,48 @@ from quaff_compile.numerics import int_mm_is_fast
 from quaff_compile.passes.find_linears import LinearMatch, ParameterResolver, find_linears
 from quaff_compile.passes.observe_outliers import observe_outlier_channels
 from quaff_compile.passes.rewrite_linears import RewriteResult, rewrite_linears
-from quaff_compile.state import LayerState, get_layer_state, set_layer_state
+from quaff_compile.state import LayerState, get_layer_state, outlier_slots, set_layer_state
 
 log = logging.getLogger(__name__)
 
 
 class QuaffCompiledGraph:
-    """Call a compiled, rewritten graph with the layer states appended to its inputs."""
+    """Call a compiled, rewritten graph with the layer states appended to its inputs.
+
+    The states are looked up on every call by the weights the graph is called
+    with, because Dynamo reuses one compiled graph for every layer and model
+    instance of the same shapes. A weight seen for the first time gets its
+    state here: outlier channels from running the original graph on this
+    call's inputs, and its int8 copy.
+    """
 
     def __init__(
         self,
         compiled,
+        original_gm: fx.GraphModule,
         rewrite: RewriteResult,
-        weight_refs: list[tuple[LayerState, Any]],
+        config: QuaffConfig,
         training_module: torch.nn.Module | None,
         device: torch.device,
     ):
         self.compiled = compiled
+        self.original_gm = original_gm
         self.rewrite = rewrite
-        self.weight_refs = weight_refs
+        self.config = config
         self._training_module = weakref.ref(training_module) if training_module is not None else None
         self._update_flags = (
             torch.tensor(False, device=device),
             torch.tensor(True, device=device),
         )
+        # Node names survive the graph copy, and new placeholders go after the old ones.
+        placeholders = {node.name: index for index, node in enumerate(original_gm.graph.find_nodes(op="placeholder"))}
+        self._weight_sources = []
+        for linear in rewrite.linears:
+            weight_node = linear.match.weight_node
+            if weight_node.op == "placeholder":
+                self._weight_sources.append(placeholders[weight_node.name])
+            else:
+                self._weight_sources.append(weakref.ref(linear.match.weight))
 
     def is_training(self) -> bool:
         """Return whether this call moves the momentum state: grad enabled and the model in train mode."""
@@ -64,23 +83,60 @@ class QuaffCompiledGraph:
         module = self._training_module() if self._training_module is not None else None
         return True if module is None else module.training
 
-    def _refresh_stale_weights(self, args) -> None:
-        for state, weight_ref in self.weight_refs:
-            weight = args[weight_ref] if isinstance(weight_ref, int) else weight_ref()
-            if weight is not None:
-                state.refresh_if_stale(weight)
+    def _weights(self, args) -> list[torch.Tensor]:
+        return [args[source] if isinstance(source, int) else source() for source in self._weight_sources]
+
+    def layer_states(self, args) -> list[LayerState]:
+        """Return the state of each rewritten linear for the weights in `args`, creating missing ones."""
+        weights = self._weights(args)
+        states = [get_layer_state(weight) for weight in weights]
+        missing = [index for index, state in enumerate(states) if state is None]
+        if missing:
+            self._create_states(args, weights, missing)
+            states = [get_layer_state(weight) for weight in weights]
+        for linear, weight, state in zip(self.rewrite.linears, weights, states):
+            slots = outlier_slots(weight.shape[1], self.config.outlier_max_ratio) if linear.smoothed else 0
+            if state.outlier_slots.numel() != slots:
+                raise ValueError(
+                    f"{state.fqn} has {state.outlier_slots.numel()} outlier slots but this graph was compiled "
+                    f"for {slots}; use the same outlier_max_ratio in every torch.compile of a model"
+                )
+            state.refresh_if_stale(weight)
+        return states
+
+    def _create_states(self, args, weights, missing: list[int]) -> None:
+        linears = [self.rewrite.linears[index] for index in missing]
+        channels = observe_outlier_channels(
+            self.original_gm,
+            args,
+            [linear.match.node.name for linear in linears],
+            threshold=self.config.outlier_threshold,
+            max_ratio=self.config.outlier_max_ratio,
+        )
+        for index, linear in zip(missing, linears):
+            weight = weights[index]
+            if get_layer_state(weight) is not None:
+                continue  # a weight used by two linears
+            slots = outlier_slots(weight.shape[1], self.config.outlier_max_ratio) if linear.smoothed else 0
+            found = channels.get(linear.match.node.name, [])
+            set_layer_state(weight, LayerState.from_weight(linear.match.fqn, weight, found, slots))
+            log.debug("%s: outlier channels %s", linear.match.fqn, found)
 
     def __call__(self, *args):
-        self._refresh_stale_weights(args)
+        states = self.layer_states(args)
         training = self.is_training()
-        extra = list(self.rewrite.extra_inputs)
+        extra = []
+        for linear, state in zip(self.rewrite.linears, states):
+            extra += [state.weight_qdata, state.weight_scale]
+            if linear.smoothed:
+                extra += [state.outlier_slots, state.outlier_weight, state.outlier_weight_absmax, state.smooth_scale]
         if self.rewrite.has_update_flag:
             extra.append(self._update_flags[int(training)])
 
         # Dynamo calls what compile_fx returns with unpacked arguments, so do the same.
         outputs = self.compiled(*args, *extra)
 
-        smoothed = self.rewrite.smoothed_states
+        smoothed = [state for linear, state in zip(self.rewrite.linears, states) if linear.smoothed]
         if not smoothed:
             return outputs
         count = len(outputs) - len(smoothed)
@@ -115,42 +171,30 @@ def _resolve_matmul(config: QuaffConfig, device: torch.device) -> str:
     return "emulated"
 
 
-def _layer_states(
-    gm: fx.GraphModule, example_inputs, matches: list[LinearMatch], config: QuaffConfig
-) -> list[tuple[LinearMatch, LayerState]]:
-    """Return the state of each linear to quantize, creating it for new layers."""
-    new = [match for match in matches if get_layer_state(match.weight) is None]
-    channels = observe_outlier_channels(
-        gm,
-        example_inputs,
-        [match.node for match in new],
-        threshold=config.outlier_threshold,
-        max_ratio=config.outlier_max_ratio,
-    )
-    for match in new:
-        layer_channels = channels.get(match.node.name, [])
-        set_layer_state(match.weight, LayerState.from_weight(match.fqn, match.weight, layer_channels))
-        log.debug("%s: outlier channels %s", match.fqn, layer_channels)
-
-    pairs = []
-    for match in matches:
-        state = get_layer_state(match.weight)
-        state.refresh_if_stale(match.weight)
-        pairs.append((match, state))
-    return pairs
-
-
-def _log_summary(matches: list[LinearMatch], pairs) -> None:
+def _log_summary(matches: list[LinearMatch], states: list[LayerState]) -> None:
     skipped = collections.Counter(match.reason for match in matches if not match.quantize)
-    with_outliers = sum(1 for _, state in pairs if state.has_outliers)
+    with_outliers = sum(1 for state in states if state.num_outliers)
     log.info(
         "quaff: rewrote %d of %d linears to int8 (%d with outlier channels); kept %d in float%s",
-        len(pairs),
+        len(states),
         len(matches),
         with_outliers,
         sum(skipped.values()),
         "".join(f"; {count} because {reason}" for reason, count in skipped.items()),
     )
+
+
+def _static_fake_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Fakify the appended inputs with static shapes in Dynamo's fake mode.
+
+    AOTAutograd would otherwise give real tensors unknown to Dynamo fresh
+    dynamic sizes, whose guards have no source and fail to install. Their
+    sizes only change with the layer's shapes, which Dynamo already guards.
+    """
+    context = torch._guards.TracingContext.try_get()
+    if context is None or context.fake_mode is None:
+        return tensors
+    return [context.fake_mode.from_tensor(tensor, static_shapes=True) for tensor in tensors]
 
 
 def _inductor_config_patches(mode: str | None, dynamic: bool | None) -> dict:
@@ -178,24 +222,24 @@ def quaff_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
 
     device = chosen[0].weight.device
     matmul = _resolve_matmul(config, device)
-    pairs = _layer_states(gm, example_inputs, chosen, config)
-    _log_summary(matches, pairs)
-
-    placeholders = {node: index for index, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
-    weight_refs = []
-    for match, state in pairs:
-        if match.weight_node in placeholders:
-            weight_refs.append((state, placeholders[match.weight_node]))
-        else:
-            weight_refs.append((state, weakref.ref(match.weight)))
-
-    rewrite = rewrite_linears(gm, pairs, momentum=config.momentum, matmul=matmul)
-    extra_examples = list(rewrite.extra_inputs)
-    if rewrite.has_update_flag:
-        extra_examples.append(torch.tensor(False, device=device))
-    compiled = compile_fx(gm, [*example_inputs, *extra_examples], config_patches=config_patches)
+    original_gm = _copy_graph_module(gm)
+    smoothed = [outlier_slots(match.weight.shape[1], config.outlier_max_ratio) > 0 for match in chosen]
+    rewrite = rewrite_linears(gm, list(zip(chosen, smoothed)), momentum=config.momentum, matmul=matmul)
 
     training_module = resolver.roots[0] if resolver.roots else next(
         (match.module for match in chosen if match.module is not None), None
     )
-    return QuaffCompiledGraph(compiled, rewrite, weight_refs, training_module, device)
+    wrapper = QuaffCompiledGraph(None, original_gm, rewrite, config, training_module, device)
+    states = wrapper.layer_states(example_inputs)
+    _log_summary(matches, states)
+
+    extra_examples = []
+    for linear, state in zip(rewrite.linears, states):
+        extra_examples += [state.weight_qdata, state.weight_scale]
+        if linear.smoothed:
+            extra_examples += [state.outlier_slots, state.outlier_weight, state.outlier_weight_absmax, state.smooth_scale]
+    if rewrite.has_update_flag:
+        extra_examples.append(torch.tensor(False, device=device))
+    extra_examples = _static_fake_tensors(extra_examples)
+    wrapper.compiled = compile_fx(gm, [*example_inputs, *extra_examples], config_patches=config_patches)
+    return wrapper

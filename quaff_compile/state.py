@@ -9,6 +9,7 @@ uses the layer, and frees it together with the model.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,57 +20,75 @@ from quaff_compile.numerics import quantize_weight_per_channel
 log = logging.getLogger(__name__)
 
 
+def outlier_slots(in_features: int, max_ratio: float) -> int:
+    """Return how many outlier channels a layer with `in_features` inputs may have."""
+    return math.floor(max_ratio * in_features)
+
+
 @dataclass(eq=False)
 class LayerState:
     """Int8 weight, outlier channels and running `smooth_scale` of one linear.
 
-    The tensors are passed to every compiled graph that uses the layer, so
-    they are updated in place and never replaced.
+    A compiled graph is shared by every layer of the same shapes (Dynamo reuses
+    it across repeated decoder layers and model instances), so the graph sees
+    a fixed number of outlier slots, `outlier_slots(in_features, max_ratio)`.
+    The first `num_outliers` slots hold the real channels; the others repeat
+    one channel outside the set with a zero `outlier_weight` column and an
+    infinite `outlier_weight_absmax`, which pins their `smooth_scale` to 1 and
+    their correction term to 0. The tensors are updated in place, never
+    replaced, because compiled graphs receive them on every call.
     """
 
     fqn: str
     weight_qdata: torch.Tensor
     weight_scale: torch.Tensor
     weight_version: int
-    outlier_channels: torch.Tensor
+    num_outliers: int
+    outlier_slots: torch.Tensor
     outlier_weight: torch.Tensor
     outlier_weight_absmax: torch.Tensor
     smooth_scale: torch.Tensor
     updates: int = 0
 
     @property
-    def has_outliers(self) -> bool:
-        return self.outlier_channels.numel() > 0
+    def has_outlier_slots(self) -> bool:
+        return self.outlier_slots.numel() > 0
+
+    @property
+    def outlier_channels(self) -> list[int]:
+        """The real outlier channels, without the padding slots."""
+        return self.outlier_slots[: self.num_outliers].tolist()
 
     @classmethod
-    def from_weight(cls, fqn: str, weight: torch.Tensor, outlier_channels: list[int]) -> LayerState:
+    def from_weight(cls, fqn: str, weight: torch.Tensor, outlier_channels: list[int], slots: int) -> LayerState:
         """Quantize `weight` once and set up `smooth_scale` = 1 on `outlier_channels`."""
-        weight = weight.detach()
-        weight_qdata, weight_scale = quantize_weight_per_channel(weight)
-        channels = torch.tensor(sorted(outlier_channels), dtype=torch.long, device=weight.device)
-        outlier_weight = weight.index_select(1, channels).float()
-        # A column of zeros would give s_new = inf; its outlier channel then
-        # contributes nothing, so any finite divisor is as good.
-        outlier_weight_absmax = outlier_weight.abs().amax(dim=0).clamp_min(1e-12) if channels.numel() else (
-            torch.zeros(0, device=weight.device)
-        )
-        return cls(
+        in_features = weight.shape[1]
+        channels = sorted(set(outlier_channels))[:slots]
+        bad = [channel for channel in channels if not 0 <= channel < in_features]
+        if bad:
+            raise ValueError(f"{fqn}: outlier channels {bad} are out of range for {in_features} input channels")
+        padding = next((channel for channel in range(in_features) if channel not in channels), 0)
+        device = weight.device
+        state = cls(
             fqn=fqn,
-            weight_qdata=weight_qdata,
-            weight_scale=weight_scale,
-            weight_version=weight._version,
-            outlier_channels=channels,
-            outlier_weight=outlier_weight,
-            outlier_weight_absmax=outlier_weight_absmax,
-            smooth_scale=torch.ones(channels.numel(), dtype=torch.float32, device=weight.device),
+            weight_qdata=torch.empty(weight.shape, dtype=torch.int8, device=device),
+            weight_scale=torch.empty(weight.shape[0], dtype=torch.float32, device=device),
+            weight_version=-1,
+            num_outliers=len(channels),
+            outlier_slots=torch.tensor(channels + [padding] * (slots - len(channels)), dtype=torch.long, device=device),
+            outlier_weight=torch.zeros(weight.shape[0], slots, dtype=torch.float32, device=device),
+            outlier_weight_absmax=torch.full((slots,), math.inf, dtype=torch.float32, device=device),
+            smooth_scale=torch.ones(slots, dtype=torch.float32, device=device),
         )
+        state.refresh_if_stale(weight)
+        return state
 
     def refresh_if_stale(self, weight: torch.Tensor) -> bool:
-        """Requantize in place when the weight's data changed since the last quantization.
+        """Quantize the weight again, in place, when its data changed since the last time.
 
         An in-place change (`load_state_dict`, `copy_`, a merge of adapters)
         bumps the tensor's version counter, which is what this compares.
-        Returns whether anything was requantized.
+        Returns whether anything was quantized.
         """
         if weight._version == self.weight_version:
             return False
@@ -78,12 +97,16 @@ class LayerState:
             weight_qdata, weight_scale = quantize_weight_per_channel(weight)
             self.weight_qdata.copy_(weight_qdata)
             self.weight_scale.copy_(weight_scale)
-            if self.has_outliers:
-                outlier_weight = weight.index_select(1, self.outlier_channels).float()
-                self.outlier_weight.copy_(outlier_weight)
-                self.outlier_weight_absmax.copy_(outlier_weight.abs().amax(dim=0).clamp_min(1e-12))
+            if self.num_outliers:
+                real = self.outlier_slots[: self.num_outliers]
+                columns = weight.index_select(1, real).float()
+                self.outlier_weight[:, : self.num_outliers].copy_(columns)
+                # A zero column would give s_new = inf; it contributes nothing, so
+                # any finite divisor serves.
+                self.outlier_weight_absmax[: self.num_outliers].copy_(columns.abs().amax(dim=0).clamp_min(1e-12))
+        if self.weight_version != -1:
+            log.debug("quantized %s again after its weight changed", self.fqn)
         self.weight_version = weight._version
-        log.debug("requantized %s after its weight changed", self.fqn)
         return True
 
 
@@ -100,11 +123,16 @@ def set_layer_state(weight: torch.Tensor, state: LayerState) -> None:
 
 
 def layer_states(model: torch.nn.Module) -> dict[str, LayerState]:
-    """Return the Quaff state of every quantized linear of `model`, by module fqn."""
+    """Return the Quaff state of every quantized linear of `model`, by module fqn in `model`.
+
+    The fqn is the owning module's name, or the parameter's own name for a
+    weight used through `F.linear` under another attribute name.
+    """
     states = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         state = _STATES.get(parameter)
-        if state is not None:
-            module_fqn = name.rsplit(".", 1)[0] if "." in name else ""
-            states[module_fqn] = state
+        if state is None:
+            continue
+        module_fqn, _, attribute = name.rpartition(".")
+        states[module_fqn if attribute == "weight" else name] = state
     return states

@@ -79,8 +79,10 @@ class ParameterResolver:
             if isinstance(root, torch.nn.Module):
                 name = self._names_of(root).get(id(parameter))
                 if name is not None:
-                    module_fqn = name.rsplit(".", 1)[0] if "." in name else ""
-                    return module_fqn, root.get_submodule(module_fqn)
+                    module_fqn, _, attribute = name.rpartition(".")
+                    module = root.get_submodule(module_fqn)
+                    # A weight used through F.linear under another name is named by itself.
+                    return (module_fqn if attribute == "weight" else name), module
         return _fqn_from_source(source_name), None
 
     def _names_of(self, root: torch.nn.Module) -> dict[int, str]:

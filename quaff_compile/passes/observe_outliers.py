@@ -42,7 +42,7 @@ def select_outlier_channels(x: torch.Tensor, threshold: float, max_ratio: float)
 
 
 class _OutlierObserver(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, watched: set[fx.Node], threshold: float, max_ratio: float):
+    def __init__(self, gm: fx.GraphModule, watched: set[str], threshold: float, max_ratio: float):
         super().__init__(gm, garbage_collect_values=True)
         self.watched = watched
         self.threshold = threshold
@@ -50,7 +50,7 @@ class _OutlierObserver(fx.Interpreter):
         self.channels: dict[str, list[int]] = {}
 
     def run_node(self, node: fx.Node):
-        if node in self.watched:
+        if node.name in self.watched:
             args, kwargs = self.fetch_args_kwargs_from_env(node)
             x = args[0] if args else kwargs["input"]
             self.channels[node.name] = select_outlier_channels(x, self.threshold, self.max_ratio)
@@ -60,23 +60,23 @@ class _OutlierObserver(fx.Interpreter):
 def observe_outlier_channels(
     gm: fx.GraphModule,
     example_inputs,
-    linear_nodes: list[fx.Node],
+    linear_names: list[str],
     threshold: float,
     max_ratio: float,
 ) -> dict[str, list[int]]:
-    """Run `gm` on `example_inputs` and return the outlier channels by linear node name.
+    """Run `gm` on `example_inputs` and return the outlier channels of the named linear nodes.
 
     Returns an empty mapping, after a warning, when the graph cannot run
     eagerly on these inputs; the layers then get no outlier channels.
     """
-    if not linear_nodes:
+    if not linear_names:
         return {}
     inputs = [
         value.clone() if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) else value
         for value in example_inputs
     ]
     devices = sorted({value.device.index for value in inputs if isinstance(value, torch.Tensor) and value.is_cuda})
-    observer = _OutlierObserver(gm, set(linear_nodes), threshold, max_ratio)
+    observer = _OutlierObserver(gm, set(linear_names), threshold, max_ratio)
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             observer.run(*inputs)
