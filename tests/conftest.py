@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny models built from configs, with injected outlier channels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+
+# Injected outliers: this many times the typical activation on a few channels,
+# far above the default 100x-the-mean rule.
+OUTLIER_GAIN = 2000.0
+
+
+@pytest.fixture(autouse=True)
+def reset_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def tiny_llama(seed: int = 0, outlier_channels=(3, 17), layers: int = 2):
+    """Return a small Llama whose normalized hidden states carry outlier channels."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[list(outlier_channels)] = OUTLIER_GAIN
+    return model
+
+
+def tiny_peft_llama(seed: int = 0, **kwargs):
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama(seed=seed, **kwargs)
+    model.config.use_cache = False
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+
+
+# Options that let the 64- and 128-wide tiny layers have outlier channels:
+# the default cap of 1% rounds down to none below 100 input channels, and
+# in 64 channels even one outlier lifts the mean |x| so much that no element
+# can exceed 100 times it.
+TINY_OPTIONS = {"outlier_max_ratio": 0.05, "outlier_threshold": 10.0}
