@@ -19,7 +19,12 @@ def reset_dynamo():
 
 
 def tiny_llama(seed: int = 0, outlier_channels=(3, 17), layers: int = 2):
-    """Return a small Llama whose normalized hidden states carry outlier channels."""
+    """Return a small Llama whose MLP inputs carry outlier channels.
+
+    The outliers go through the post-attention norm only: on the attention
+    input they would make q and k so large that softmax saturates, and the
+    gradients of q and k would then be noise in fp32 and int8 alike.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -35,8 +40,7 @@ def tiny_llama(seed: int = 0, outlier_channels=(3, 17), layers: int = 2):
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         for layer in model.model.layers:
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                norm.weight[list(outlier_channels)] = OUTLIER_GAIN
+            layer.post_attention_layernorm.weight[list(outlier_channels)] = OUTLIER_GAIN
     return model
 
 

@@ -76,9 +76,9 @@ def test_rewrites_every_frozen_linear_but_lm_head():
     assert all(fqn.endswith("base_layer") for fqn in states)
     assert "base_model.model.lm_head" not in states
     with_outliers = {fqn: state.outlier_channels for fqn, state in states.items() if state.num_outliers}
-    # The injected channels (3 and 17) feed q, k, v, gate and up of both layers.
+    # The injected channels (3 and 17) feed gate and up of both layers.
     for layer in range(2):
-        for projection in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+        for projection in ("mlp.gate_proj", "mlp.up_proj"):
             fqn = f"base_model.model.model.layers.{layer}.{projection}.base_layer"
             assert with_outliers.get(fqn) == [3, 17], fqn
 
@@ -98,16 +98,12 @@ def test_matches_eager_within_int8_error():
     assert logits_error < 0.05
     assert abs(output.loss.item() - reference.loss.item()) < 0.02
 
-    # The norm weights of 2000 on the outlier channels amplify the int8 error
-    # of grad_input on those channels in the backward. Single adapters of
-    # this tiny model are noisy, so the check covers all of them together.
-    gradients, reference_gradients = [], []
-    for parameter, reference_parameter in zip(model.parameters(), reference_model.parameters()):
-        if parameter.requires_grad:
-            gradients.append(parameter.grad.flatten())
-            reference_gradients.append(reference_parameter.grad.flatten())
-    overall = torch.nn.functional.cosine_similarity(torch.cat(gradients), torch.cat(reference_gradients), dim=0)
-    assert overall > 0.95, f"cosine similarity {overall:.4f} of all adapter gradients"
+    for (name, parameter), reference_parameter in zip(model.named_parameters(), reference_model.parameters()):
+        if not parameter.requires_grad or reference_parameter.grad.norm() == 0:
+            continue
+        cosine = torch.nn.functional.cosine_similarity(parameter.grad.flatten(), reference_parameter.grad.flatten(), dim=0)
+        print(f"{name}: gradient cosine similarity {cosine:.4f}")
+        assert cosine > 0.98, f"{name}: cosine similarity {cosine:.4f} of the gradients"
 
 
 def test_training_loss_falls():
@@ -221,10 +217,11 @@ def test_second_model_instance_gets_its_own_state():
     output = compiled_second(input_ids=INPUTS).logits
     error = (output - reference).norm() / reference.norm()
     # The first instance's int8 weights would give an error near 1; int8
-    # noise on this tiny model measured 0.051 (0.138 without smoothing).
-    assert error < 0.08, f"relative error {error:.4f} on the second instance"
-    channels = {tuple(state.outlier_channels) for state in layer_states(second).values() if state.num_outliers}
-    assert channels == {(9, 30)}
+    # noise on this tiny model measured 0.019 (0.024 without smoothing).
+    assert error < 0.05, f"relative error {error:.4f} on the second instance"
+    for fqn, state in layer_states(second).items():
+        if fqn.endswith(("gate_proj", "up_proj")):
+            assert state.outlier_channels == [9, 30], fqn
 
 
 def test_regional_compilation_of_decoder_layers():
