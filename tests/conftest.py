@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch._dynamo
+from hypothesis import HealthCheck, settings
+
+# 200 examples per property, without per-example deadlines: the machine is
+# shared, and a slow example is not a failure.
+settings.register_profile(
+    "ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("quick", max_examples=25, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Injected outliers: this many times the typical activation on a few channels,
 # far above the default 100x-the-mean rule.
