@@ -8,7 +8,8 @@ Hypothesis", ACL 2025) and compiles the rest with Inductor.
 
 from quaff_compile.backend import quaff_backend
 from quaff_compile.config import QuaffConfig
+from quaff_compile.inspection import ExplainReport, explain
 from quaff_compile.state import LayerState, layer_states
 
-__all__ = ["LayerState", "QuaffConfig", "layer_states", "quaff_backend"]
+__all__ = ["ExplainReport", "LayerState", "QuaffConfig", "explain", "layer_states", "quaff_backend"]
 __version__ = "0.1.0"

@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 import torch._dynamo
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 from hypothesis import HealthCheck, settings
 
 # 200 examples per property, without per-example deadlines: the machine is
@@ -68,3 +70,31 @@ def tiny_peft_llama(seed: int = 0, **kwargs):
 # in 64 channels even one outlier lifts the mean |x| so much that no element
 # can exceed 100 times it.
 TINY_OPTIONS = {"outlier_max_ratio": 0.05, "outlier_threshold": 10.0}
+
+
+WORDS = "the a cynic is blackguard whose faulty vision sees things as they are not as they ought to be".split()
+
+
+@pytest.fixture
+def tiny_model_folder(tmp_path):
+    vocabulary = ["[UNK]", "<eos>", *dict.fromkeys(WORDS)]
+    backend = Tokenizer(models.WordLevel(vocab={word: i for i, word in enumerate(vocabulary)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="[UNK]")
+    model = tiny_llama()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    paragraphs = []
+    for _ in range(60):
+        picks = torch.randint(0, len(WORDS), (12,), generator=generator)
+        paragraphs.append(" ".join(WORDS[i] for i in picks))
+    path = tmp_path / "text.txt"
+    path.write_text("\n\n".join(paragraphs) + "\n")
+    return path

@@ -6,40 +6,9 @@ import importlib.util
 import json
 
 import pytest
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from quaff_compile.finetune import main, parse_options
-from tests.conftest import TINY_OPTIONS, tiny_llama
-
-WORDS = "the a cynic is blackguard whose faulty vision sees things as they are not as they ought to be".split()
-
-
-@pytest.fixture
-def tiny_model_folder(tmp_path):
-    vocabulary = ["[UNK]", "<eos>", *dict.fromkeys(WORDS)]
-    backend = Tokenizer(models.WordLevel(vocab={word: i for i, word in enumerate(vocabulary)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="[UNK]")
-    model = tiny_llama()
-    folder = tmp_path / "model"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    generator = torch.Generator().manual_seed(0)
-    paragraphs = []
-    for _ in range(60):
-        picks = torch.randint(0, len(WORDS), (12,), generator=generator)
-        paragraphs.append(" ".join(WORDS[i] for i in picks))
-    path = tmp_path / "text.txt"
-    path.write_text("\n\n".join(paragraphs) + "\n")
-    return path
-
+from tests.conftest import TINY_OPTIONS
 
 def option_arguments(options):
     return [argument for key, value in options.items() for argument in ("--option", f"{key}={json.dumps(value)}")]
