@@ -151,6 +151,9 @@ class QuaffCompiledGraph:
         return kept if isinstance(outputs, list) else tuple(kept)
 
 
+_EMULATION_LOGGED = False  # the emulation notice is logged once per process
+
+
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     graph = fx.Graph()
     output = graph.graph_copy(gm.graph, {})
@@ -163,6 +166,10 @@ def _resolve_matmul(config: QuaffConfig, device: torch.device) -> str:
         return config.matmul
     if int_mm_is_fast(device):
         return "int_mm"
+    global _EMULATION_LOGGED
+    if _EMULATION_LOGGED:
+        return "emulated"
+    _EMULATION_LOGGED = True
     log.info(
         "this CPU has no int8 matrix unit (AVX512-VNNI or AMX), where torch._int_mm is a slow scalar "
         "loop; computing the int8 products with exact fp32 matmuls instead (options={'matmul': 'int_mm'} "

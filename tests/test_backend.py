@@ -75,12 +75,17 @@ def test_rewrites_every_frozen_linear_but_lm_head():
     assert len(states) == 14
     assert all(fqn.endswith("base_layer") for fqn in states)
     assert "base_model.model.lm_head" not in states
+    # The compiled wrapper's own names (with `_orig_mod.`) give the same keys.
+    assert layer_states(compiled) == states
     with_outliers = {fqn: state.outlier_channels for fqn, state in states.items() if state.num_outliers}
     # The injected channels (3 and 17) feed gate and up of both layers.
     for layer in range(2):
         for projection in ("mlp.gate_proj", "mlp.up_proj"):
             fqn = f"base_model.model.model.layers.{layer}.{projection}.base_layer"
             assert with_outliers.get(fqn) == [3, 17], fqn
+    text = repr(states["base_model.model.model.layers.0.mlp.up_proj.base_layer"])
+    assert "outlier_channels=[3, 17]" in text
+    assert len(text) < 300
 
 
 def test_matches_eager_within_int8_error():

@@ -74,3 +74,15 @@ def test_finetune_smollm2_rewrites_210_linears(tmp_path, monkeypatch):
     assert result["quantized_linears"] == 210
     assert result["skipped_linears"] == 1
     assert result["losses"][-1] < result["losses"][0]
+
+
+def test_unknown_option_fails_before_loading(capsys):
+    assert main(["--model", "/nonexistent/model", "--option", "momentun=0.5"]) == 2
+    error = capsys.readouterr().err
+    assert "'momentun' (did you mean 'momentum'?)" in error
+
+
+def test_missing_data_file_fails_cleanly(tmp_path, capsys):
+    missing = tmp_path / "missing.txt"
+    assert main(["--model", "/nonexistent/model", "--data", str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err
