@@ -146,7 +146,7 @@ def prepare(variant: str, model, calibration_batches, matmul: str):
     if variant == "int8_per_token":
         options["outlier_max_ratio"] = 0.0
     compiled = compile_model(model, "quaff", options, "regional")
-    # The first batch a layer sees chooses its outlier channels: use training data.
+    # A layer's first batch chooses its outlier channels, so make that a training batch.
     with torch.no_grad():
         compiled(input_ids=calibration_batches[0])
     return compiled

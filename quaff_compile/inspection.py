@@ -53,7 +53,7 @@ class GraphReport:
 
 @dataclass
 class ExplainReport:
-    """What the quaff backend would do to every linear of a model."""
+    """Report of the quaff backend's decision on every linear of a model."""
 
     graphs: list[GraphReport] = field(default_factory=list)
 

@@ -59,10 +59,11 @@ def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, tor
 def int_mm_refusal(in_features: int, out_features: int) -> str | None:
     """Return why `torch._int_mm` cannot serve a linear of this size, or None.
 
-    `_int_mm` rejects an inner size below 16 or not a multiple of 8 and an
-    output size not a multiple of 8 (CUDA's int8 GEMM needs 8-element aligned
-    rows; the CPU kernel keeps the same contract). The backward multiplies
-    over the output size, so it must meet the inner-size rule too.
+    CUDA's `_int_mm` rejects an inner size below 16 or not a multiple of 8,
+    and an output size not a multiple of 8. The CPU kernel of torch 2.13
+    accepts them, but applying one rule keeps behaviour the same on both
+    devices. The backward multiplies over the output size, so it must meet the
+    inner-size rule too.
     """
     if in_features < 16 or in_features % 8:
         return f"in_features={in_features} must be at least 16 and a multiple of 8 for torch._int_mm"

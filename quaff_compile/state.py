@@ -32,8 +32,8 @@ class LayerState:
     A compiled graph is shared by every layer of the same shapes (Dynamo reuses
     it across repeated decoder layers and model instances), so the graph takes
     a fixed number of outlier slots, `outlier_slots(in_features, max_ratio)`.
-    The first `num_outliers` slots hold the real channels; the others repeat
-    one channel outside the set with a zero `outlier_weight` column and an
+    The first `num_outliers` slots hold the real channels. The others repeat
+    one channel outside the set, with a zero `outlier_weight` column and an
     infinite `outlier_weight_absmax`, which pins their `smooth_scale` to 1 and
     their correction term to 0. The tensors are updated in place, never
     replaced, because compiled graphs receive them on every call.

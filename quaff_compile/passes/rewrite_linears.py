@@ -44,7 +44,7 @@ class RewrittenLinear:
 
 @dataclass
 class RewriteResult:
-    """What the runtime wrapper needs to call a rewritten graph.
+    """Inputs and outputs of a rewritten graph, for the runtime wrapper.
 
     The graph takes, after its original inputs and for each entry of
     `linears` in order, `weight_qdata` and `weight_scale`, then for a smoothed
