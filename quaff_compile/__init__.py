@@ -7,9 +7,22 @@ Hypothesis", ACL 2025) and compiles the rest with Inductor.
 """
 
 from quaff_compile.backend import quaff_backend
+from quaff_compile.calibration import calibrate, load_outlier_channels, save_outlier_channels, state_dict
 from quaff_compile.config import QuaffConfig
 from quaff_compile.inspection import ExplainReport, explain
-from quaff_compile.state import LayerState, layer_states
+from quaff_compile.state import LayerState, layer_states, load_state_dict
 
-__all__ = ["ExplainReport", "LayerState", "QuaffConfig", "explain", "layer_states", "quaff_backend"]
+__all__ = [
+    "ExplainReport",
+    "LayerState",
+    "QuaffConfig",
+    "calibrate",
+    "explain",
+    "layer_states",
+    "load_outlier_channels",
+    "load_state_dict",
+    "quaff_backend",
+    "save_outlier_channels",
+    "state_dict",
+]
 __version__ = "0.1.0"

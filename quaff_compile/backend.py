@@ -33,7 +33,8 @@ from quaff_compile.numerics import int_mm_is_fast
 from quaff_compile.passes.find_linears import LinearMatch, ParameterResolver, find_linears
 from quaff_compile.passes.observe_outliers import observe_outlier_channels
 from quaff_compile.passes.rewrite_linears import RewriteResult, rewrite_linears
-from quaff_compile.state import LayerState, get_layer_state, outlier_slots, set_layer_state
+from quaff_compile.calibration import normalize_fqn
+from quaff_compile.state import LayerState, get_layer_state, outlier_slots, set_layer_state, take_preset
 
 log = logging.getLogger(__name__)
 
@@ -105,22 +106,41 @@ class QuaffCompiledGraph:
         return states
 
     def _create_states(self, args, weights, missing: list[int]) -> None:
-        linears = [self.rewrite.linears[index] for index in missing]
-        channels = observe_outlier_channels(
+        """Create the states of new weights: channels from `load_state_dict`, the options, or this batch."""
+        presets = {index: take_preset(weights[index]) for index in missing}
+        supplied = self.config.outlier_channels
+        to_observe = [index for index in missing if presets[index] is None and supplied is None]
+        observed = observe_outlier_channels(
             self.original_gm,
             args,
-            [linear.match.node.name for linear in linears],
+            [self.rewrite.linears[index].match.node.name for index in to_observe],
             threshold=self.config.outlier_threshold,
             max_ratio=self.config.outlier_max_ratio,
         )
-        for index, linear in zip(missing, linears):
+        for index in missing:
             weight = weights[index]
             if get_layer_state(weight) is not None:
                 continue  # a weight used by two linears
+            linear = self.rewrite.linears[index]
+            fqn = linear.match.fqn
+            preset = presets[index]
+            if preset is not None:
+                channels = list(preset["outlier_channels"])
+            elif supplied is not None:
+                channels = supplied.get(normalize_fqn(fqn))
+                if channels is None:
+                    log.debug("%s has no entry in outlier_channels; it gets no outlier channels", fqn)
+                    channels = []
+            else:
+                channels = observed.get(linear.match.node.name, [])
+
             slots = outlier_slots(weight.shape[1], self.config.outlier_max_ratio) if linear.smoothed else 0
-            found = channels.get(linear.match.node.name, [])
-            set_layer_state(weight, LayerState.from_weight(linear.match.fqn, weight, found, slots))
-            log.debug("%s: outlier channels %s", linear.match.fqn, found)
+            state = LayerState.from_weight(fqn, weight, channels, slots)
+            if preset is not None:
+                state.assign_outliers(weight, channels, list(preset["smooth_scale"]))
+                state.updates = int(preset.get("updates", 0))
+            set_layer_state(weight, state)
+            log.debug("%s: outlier channels %s", fqn, state.outlier_channels)
 
     def __call__(self, *args):
         states = self.layer_states(args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,10 @@ class QuaffConfig:
             `skip_fqns`; it returns True for linears to quantize. `module` is
             None where the backend cannot resolve the owning module.
         matmul: one of "auto", "int_mm" and "emulated" (see MATMUL_CHOICES).
+        outlier_channels: outlier channels by fqn, as a mapping or the path of
+            a file (`calibration.load_outlier_channels` formats). When given,
+            no channels are chosen from batches, and a linear without an entry
+            gets none. Fqns match through PEFT's wrapping.
     """
 
     momentum: float = 0.9
@@ -42,6 +47,7 @@ class QuaffConfig:
     skip_fqns: tuple[str, ...] = ("lm_head",)
     filter_fn: Callable[[torch.nn.Module | None, str], bool] | None = None
     matmul: str = "auto"
+    outlier_channels: Mapping[str, list[int]] | str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.skip_fqns, str) or not all(isinstance(name, str) for name in self.skip_fqns):
@@ -59,6 +65,15 @@ class QuaffConfig:
             raise ValueError(f"filter_fn must be callable as filter_fn(module, fqn), got {self.filter_fn!r}")
         if self.matmul not in MATMUL_CHOICES:
             raise ValueError(f"matmul must be one of {MATMUL_CHOICES}, got {self.matmul!r}")
+        if self.outlier_channels is not None:
+            from quaff_compile.calibration import resolve_outlier_channels
+
+            if not isinstance(self.outlier_channels, (Mapping, str, os.PathLike)):
+                raise ValueError(
+                    "outlier_channels must be a mapping from fqn to channel indices or a file path, "
+                    f"got {type(self.outlier_channels).__name__}"
+                )
+            object.__setattr__(self, "outlier_channels", resolve_outlier_channels(self.outlier_channels))
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> QuaffConfig:

@@ -66,10 +66,14 @@ class LayerState:
     def from_weight(cls, fqn: str, weight: torch.Tensor, outlier_channels: list[int], slots: int) -> LayerState:
         """Quantize `weight` once and set up `smooth_scale` = 1 on `outlier_channels`."""
         in_features = weight.shape[1]
-        channels = sorted(set(outlier_channels))[:slots]
-        bad = [channel for channel in channels if not 0 <= channel < in_features]
+        bad = [channel for channel in outlier_channels if not 0 <= channel < in_features]
         if bad:
-            raise ValueError(f"{fqn}: outlier channels {bad} are out of range for {in_features} input channels")
+            raise ValueError(
+                f"{fqn}: outlier channels {bad} are out of range for its {in_features} input channels; "
+                "check that the channels were calibrated on this model"
+            )
+        # The first `slots` channels in the given order (most frequent first) are kept.
+        channels = sorted(list(dict.fromkeys(outlier_channels))[:slots])
         padding = next((channel for channel in range(in_features) if channel not in channels), 0)
         device = weight.device
         state = cls(
@@ -85,6 +89,28 @@ class LayerState:
         )
         state.refresh_if_stale(weight)
         return state
+
+    def assign_outliers(self, weight: torch.Tensor, outlier_channels: list[int], smooth_scale: list[float]) -> None:
+        """Replace the outlier channels and their `smooth_scale` in place, keeping the slot count."""
+        slots = self.outlier_slots.numel()
+        if len(smooth_scale) != len(outlier_channels):
+            raise ValueError(
+                f"{self.fqn}: {len(outlier_channels)} outlier channels but {len(smooth_scale)} smooth scales"
+            )
+        if len(outlier_channels) > slots:
+            raise ValueError(
+                f"{self.fqn}: {len(outlier_channels)} outlier channels do not fit its {slots} slots; "
+                "compile with a larger outlier_max_ratio"
+            )
+        fresh = LayerState.from_weight(self.fqn, weight, outlier_channels, slots)
+        order = {channel: value for channel, value in zip(outlier_channels, smooth_scale)}
+        fresh.smooth_scale[: fresh.num_outliers] = torch.tensor(
+            [order[channel] for channel in fresh.outlier_channels], dtype=torch.float32
+        )
+        with torch.no_grad():
+            for name in ("outlier_slots", "outlier_weight", "outlier_weight_absmax", "smooth_scale"):
+                getattr(self, name).copy_(getattr(fresh, name))
+        self.num_outliers = fresh.num_outliers
 
     def refresh_if_stale(self, weight: torch.Tensor) -> bool:
         """Quantize the weight again, in place, when its data changed since the last time.
@@ -114,6 +140,9 @@ class LayerState:
 
 
 _STATES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# Entries of `load_state_dict` for weights that have no state yet; the backend
+# uses them when it creates the state.
+_PRESETS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def get_layer_state(weight: torch.Tensor) -> LayerState | None:
@@ -123,6 +152,38 @@ def get_layer_state(weight: torch.Tensor) -> LayerState | None:
 
 def set_layer_state(weight: torch.Tensor, state: LayerState) -> None:
     _STATES[weight] = state
+
+
+def take_preset(weight: torch.Tensor) -> dict | None:
+    """Return and forget the `load_state_dict` entry waiting for `weight`, if any."""
+    return _PRESETS.pop(weight, None)
+
+
+def load_state_dict(model: torch.nn.Module, state: dict[str, dict]) -> None:
+    """Restore outlier channels and smooth scales saved by `quaff_compile.state_dict`, before or after compiling.
+
+    Fqns match through PEFT's wrapping. An fqn that names no linear weight of
+    `model` raises ValueError.
+    """
+    from quaff_compile.calibration import normalize_fqn
+
+    weights = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        module_fqn, _, attribute = name.rpartition(".")
+        if attribute == "weight" and parameter.dim() == 2:
+            weights[normalize_fqn(module_fqn)] = parameter
+    unknown = sorted(fqn for fqn in state if normalize_fqn(fqn) not in weights)
+    if unknown:
+        raise ValueError(f"the Quaff state names layers that {type(model).__name__} does not have: {unknown[:5]}")
+
+    for fqn, entry in state.items():
+        weight = weights[normalize_fqn(fqn)]
+        existing = _STATES.get(weight)
+        if existing is None:
+            _PRESETS[weight] = dict(entry)
+            continue
+        existing.assign_outliers(weight, list(entry["outlier_channels"]), list(entry["smooth_scale"]))
+        existing.updates = int(entry.get("updates", existing.updates))
 
 
 def layer_states(model: torch.nn.Module) -> dict[str, LayerState]:
