@@ -10,7 +10,7 @@ from quaff_compile.backend import quaff_backend
 from quaff_compile.calibration import calibrate, load_outlier_channels, save_outlier_channels, state_dict
 from quaff_compile.config import QuaffConfig
 from quaff_compile.inspection import ExplainReport, explain
-from quaff_compile.state import LayerState, layer_states, load_state_dict
+from quaff_compile.state import LayerState, layer_states, load_state_dict, stability_report
 
 __all__ = [
     "ExplainReport",
@@ -23,6 +23,7 @@ __all__ = [
     "load_state_dict",
     "quaff_backend",
     "save_outlier_channels",
+    "stability_report",
     "state_dict",
 ]
 __version__ = "0.1.0"

@@ -63,6 +63,7 @@ class QuaffCompiledGraph:
         self.rewrite = rewrite
         self.config = config
         self._training_module = weakref.ref(training_module) if training_module is not None else None
+        self._fixed_logged = False
         self._update_flags = (
             torch.tensor(False, device=device),
             torch.tensor(True, device=device),
@@ -87,9 +88,9 @@ class QuaffCompiledGraph:
     def _weights(self, args) -> list[torch.Tensor]:
         return [args[source] if isinstance(source, int) else source() for source in self._weight_sources]
 
-    def layer_states(self, args) -> list[LayerState]:
+    def layer_states(self, args, weights=None) -> list[LayerState]:
         """Return the state of each rewritten linear for the weights in `args`, creating missing ones."""
-        weights = self._weights(args)
+        weights = self._weights(args) if weights is None else weights
         states = [get_layer_state(weight) for weight in weights]
         missing = [index for index, state in enumerate(states) if state is None]
         if missing:
@@ -136,14 +137,34 @@ class QuaffCompiledGraph:
 
             slots = outlier_slots(weight.shape[1], self.config.outlier_max_ratio) if linear.smoothed else 0
             state = LayerState.from_weight(fqn, weight, channels, slots)
+            state.channels_fixed = preset is not None or supplied is not None
             if preset is not None:
                 state.assign_outliers(weight, channels, list(preset["smooth_scale"]))
                 state.updates = int(preset.get("updates", 0))
             set_layer_state(weight, state)
             log.debug("%s: outlier channels %s", fqn, state.outlier_channels)
 
+    def _store(self, smoothed, smooth_scales, hits) -> None:
+        """After a training forward: store the smooth scales and feed the hits to calibration and the monitor."""
+        fixed_now = []
+        with torch.no_grad():
+            for (state, weight), smooth_scale, layer_hits in zip(smoothed, smooth_scales, hits):
+                state.smooth_scale.copy_(smooth_scale)
+                state.updates += 1
+                if state.observe(weight, layer_hits, self.config.online_calibration_steps):
+                    fixed_now.append(state)
+        if fixed_now and not self._fixed_logged:
+            self._fixed_logged = True
+            log.info(
+                "quaff: outlier channels fixed after %d training steps (%d of %d layers of this graph have some)",
+                self.config.online_calibration_steps,
+                sum(1 for state in fixed_now if state.num_outliers),
+                len(fixed_now),
+            )
+
     def __call__(self, *args):
-        states = self.layer_states(args)
+        weights = self._weights(args)
+        states = self.layer_states(args, weights)
         training = self.is_training()
         extra = []
         for linear, state in zip(self.rewrite.linears, states):
@@ -156,15 +177,14 @@ class QuaffCompiledGraph:
         # Dynamo calls what compile_fx returns with unpacked arguments, so do the same.
         outputs = self.compiled(*args, *extra)
 
-        smoothed = [state for linear, state in zip(self.rewrite.linears, states) if linear.smoothed]
+        smoothed = [
+            (state, weight) for linear, state, weight in zip(self.rewrite.linears, states, weights) if linear.smoothed
+        ]
         if not smoothed:
             return outputs
-        count = len(outputs) - len(smoothed)
+        count = len(outputs) - 2 * len(smoothed)
         if training:
-            with torch.no_grad():
-                for state, smooth_scale in zip(smoothed, outputs[count:]):
-                    state.smooth_scale.copy_(smooth_scale)
-                    state.updates += 1
+            self._store(smoothed, outputs[count:count + len(smoothed)], outputs[count + len(smoothed):])
         kept = outputs[:count]
         if not self.rewrite.output_is_sequence:
             return kept[0]
@@ -251,7 +271,9 @@ def quaff_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     matmul = _resolve_matmul(config, device)
     original_gm = _copy_graph_module(gm)
     smoothed = [outlier_slots(match.weight.shape[1], config.outlier_max_ratio) > 0 for match in chosen]
-    rewrite = rewrite_linears(gm, list(zip(chosen, smoothed)), momentum=config.momentum, matmul=matmul)
+    rewrite = rewrite_linears(
+        gm, list(zip(chosen, smoothed)), momentum=config.momentum, matmul=matmul, threshold=config.outlier_threshold
+    )
 
     training_module = resolver.roots[0] if resolver.roots else next(
         (match.module for match in chosen if match.module is not None), None

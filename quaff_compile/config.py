@@ -39,6 +39,9 @@ class QuaffConfig:
             a file (`calibration.load_outlier_channels` formats). When given,
             no channels are chosen from batches, and a linear without an entry
             gets none. Fqns match through PEFT's wrapping.
+        online_calibration_steps: without supplied channels, the outlier
+            channels follow the hits of this many training forwards, then stay
+            fixed.
     """
 
     momentum: float = 0.9
@@ -48,6 +51,7 @@ class QuaffConfig:
     filter_fn: Callable[[torch.nn.Module | None, str], bool] | None = None
     matmul: str = "auto"
     outlier_channels: Mapping[str, list[int]] | str | None = None
+    online_calibration_steps: int = 8
 
     def __post_init__(self) -> None:
         if isinstance(self.skip_fqns, str) or not all(isinstance(name, str) for name in self.skip_fqns):
@@ -65,6 +69,8 @@ class QuaffConfig:
             raise ValueError(f"filter_fn must be callable as filter_fn(module, fqn), got {self.filter_fn!r}")
         if self.matmul not in MATMUL_CHOICES:
             raise ValueError(f"matmul must be one of {MATMUL_CHOICES}, got {self.matmul!r}")
+        if not isinstance(self.online_calibration_steps, int) or self.online_calibration_steps < 1:
+            raise ValueError(f"online_calibration_steps must be an integer of at least 1, got {self.online_calibration_steps!r}")
         if self.outlier_channels is not None:
             from quaff_compile.calibration import resolve_outlier_channels
 

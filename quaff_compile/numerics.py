@@ -194,6 +194,12 @@ def quaff_linear(
     return QuaffLinearFunction.apply(x, weight_qdata, weight_scale, bias, None, None, None, matmul)
 
 
+def outlier_hits(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Count, per input channel, the tokens where |x| exceeds `threshold` times the mean |x| of the input."""
+    magnitude = x.detach().reshape(-1, x.shape[-1]).float().abs()
+    return (magnitude > threshold * magnitude.mean()).sum(dim=0)
+
+
 def smoothed_quaff_linear(
     x: torch.Tensor,
     weight_qdata: torch.Tensor,
@@ -206,16 +212,19 @@ def smoothed_quaff_linear(
     update: torch.Tensor,
     momentum: float,
     matmul: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    threshold: float = 100.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Int8 linear of a layer with outlier channels.
 
     Where the 0-dim bool tensor `update` is true, the `smooth_scale` used is
     the momentum update from this batch, else the stored one. Returns the
-    output and the `smooth_scale` used, which the caller stores when training.
+    output, the `smooth_scale` used (which the caller stores when training),
+    and `outlier_hits(x, threshold)` for online calibration and the stability
+    monitor.
     """
     moved = updated_smooth_scale(x, outlier_channels, outlier_weight_absmax, smooth_scale, momentum)
     used = torch.where(update, moved, smooth_scale)
     y = QuaffLinearFunction.apply(
         x, weight_qdata, weight_scale, bias, outlier_channels, outlier_weight, used, matmul
     )
-    return y, used
+    return y, used, outlier_hits(x, threshold)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -49,6 +49,13 @@ class LayerState:
     outlier_weight_absmax: torch.Tensor
     smooth_scale: torch.Tensor
     updates: int = 0
+    # Online calibration: hits summed over the first training steps, until fixed.
+    hit_counts: torch.Tensor | None = None
+    calibration_steps: int = 0
+    channels_fixed: bool = False
+    # Stability monitor: per training step, the Jaccard overlap of that step's
+    # top outlier channels with the layer's set.
+    stability: list[float] = field(default_factory=list)
 
     def __repr__(self) -> str:
         scales = [round(value, 4) for value in self.smooth_scale[: self.num_outliers].tolist()]
@@ -89,6 +96,32 @@ class LayerState:
         )
         state.refresh_if_stale(weight)
         return state
+
+    def observe(self, weight: torch.Tensor, hits: torch.Tensor, calibration_steps: int) -> bool:
+        """Record one training step's outlier hits; returns whether the channels became fixed now.
+
+        The step's top channels (most hits first, at most one per slot) go
+        into the stability monitor. Until the channels are fixed, the hits add
+        up and the channels follow the running counts, keeping the
+        `smooth_scale` of channels that stay.
+        """
+        slots = self.outlier_slots.numel()
+        hits = hits.detach().to("cpu", torch.long)
+        current = set(self.outlier_channels)
+        top = set(_top_channels(hits, slots))
+        union = top | current
+        self.stability.append(len(top & current) / len(union) if union else 1.0)
+        if self.channels_fixed:
+            return False
+
+        self.hit_counts = hits if self.hit_counts is None else self.hit_counts + hits
+        self.calibration_steps += 1
+        channels = _top_channels(self.hit_counts, slots)
+        if sorted(channels) != self.outlier_channels:
+            kept = dict(zip(self.outlier_channels, self.smooth_scale[: self.num_outliers].tolist()))
+            self.assign_outliers(weight, channels, [kept.get(channel, 1.0) for channel in channels])
+        self.channels_fixed = self.calibration_steps >= calibration_steps
+        return self.channels_fixed
 
     def assign_outliers(self, weight: torch.Tensor, outlier_channels: list[int], smooth_scale: list[float]) -> None:
         """Replace the outlier channels and their `smooth_scale` in place, keeping the slot count."""
@@ -139,6 +172,12 @@ class LayerState:
         return True
 
 
+def _top_channels(counts: torch.Tensor, limit: int) -> list[int]:
+    order = torch.sort(counts, descending=True, stable=True)
+    keep = int((order.values[:limit] > 0).sum())
+    return order.indices[:keep].tolist()
+
+
 _STATES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # Entries of `load_state_dict` for weights that have no state yet; the backend
 # uses them when it creates the state.
@@ -184,6 +223,7 @@ def load_state_dict(model: torch.nn.Module, state: dict[str, dict]) -> None:
             continue
         existing.assign_outliers(weight, list(entry["outlier_channels"]), list(entry["smooth_scale"]))
         existing.updates = int(entry.get("updates", existing.updates))
+        existing.channels_fixed = True
 
 
 def layer_states(model: torch.nn.Module) -> dict[str, LayerState]:
@@ -202,3 +242,9 @@ def layer_states(model: torch.nn.Module) -> dict[str, LayerState]:
         module_fqn, _, attribute = name.rpartition(".")
         states[module_fqn if attribute == "weight" else name] = state
     return states
+
+
+def stability_report(model: torch.nn.Module) -> dict[str, list[float]]:
+    """Return, per quantized linear with outlier slots, the Jaccard overlap of each training step's
+    top outlier channels with the layer's channels."""
+    return {fqn: list(state.stability) for fqn, state in layer_states(model).items() if state.outlier_slots.numel()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -239,3 +240,36 @@ def test_regional_compilation_of_decoder_layers():
     assert len(states) == 14
     assert len({id(state) for state in states.values()}) == 14
     assert losses[-1] < losses[0]
+
+
+def test_online_calibration_fixes_channels_after_n_steps(caplog):
+    model = tiny_peft_llama()
+    options = {**TINY_OPTIONS, "online_calibration_steps": 3}
+    compiled = torch.compile(model, backend="quaff", options=options)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-3)
+    with caplog.at_level(logging.INFO, logger="quaff_compile.backend"):
+        for step in range(1, 5):
+            training_step(compiled, optimizer)
+            states = [state for state in layer_states(model).values() if state.outlier_slots.numel()]
+            assert all(state.calibration_steps == min(step, 3) for state in states)
+            assert all(state.channels_fixed == (step >= 3) for state in states)
+    assert sum("outlier channels fixed after 3 training steps" in record.getMessage() for record in caplog.records) == 1
+    up_proj = layer_states(model)["base_model.model.model.layers.0.mlp.up_proj.base_layer"]
+    assert up_proj.outlier_channels == [3, 17]
+
+
+def test_stability_report_per_step():
+    from quaff_compile import stability_report
+
+    model = tiny_peft_llama()
+    compiled = torch.compile(model, backend="quaff", options=TINY_OPTIONS)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-3)
+    for _ in range(3):
+        training_step(compiled, optimizer)
+    with torch.no_grad():
+        compiled(input_ids=INPUTS, labels=INPUTS)
+    report = stability_report(model)
+    assert len(report) == 14
+    assert all(len(overlaps) == 3 for overlaps in report.values())
+    assert report["base_model.model.model.layers.1.mlp.gate_proj.base_layer"] == [1.0, 1.0, 1.0]
+    assert all(0.0 <= overlap <= 1.0 for overlaps in report.values() for overlap in overlaps)

@@ -51,7 +51,7 @@ class RewriteResult:
     linear `outlier_slots`, `outlier_weight`, `outlier_weight_absmax` and
     `smooth_scale`, and last the update flag if any linear is smoothed. It
     returns its original outputs, then the `smooth_scale` used by each
-    smoothed linear.
+    smoothed linear, then each smoothed linear's outlier hits per channel.
     """
 
     linears: list[RewrittenLinear] = field(default_factory=list)
@@ -73,6 +73,7 @@ def rewrite_linears(
     matches: list[tuple[LinearMatch, bool]],
     momentum: float,
     matmul: str,
+    threshold: float = 100.0,
 ) -> RewriteResult:
     """Rewrite `gm` in place; `matches` pairs each linear to quantize with whether it has outlier slots."""
     graph = gm.graph
@@ -104,7 +105,7 @@ def rewrite_linears(
         result.has_update_flag = True
 
     # 2. Replace each linear by the int8 linear.
-    smooth_scale_outputs = []
+    smooth_scale_outputs, hits_outputs = [], []
     for (match, smoothed), inputs in zip(matches, layer_inputs):
         node = match.node
         with graph.inserting_before(node):
@@ -123,10 +124,12 @@ def rewrite_linears(
                         update_flag,
                         momentum,
                         matmul,
+                        threshold,
                     ),
                 )
                 output = graph.call_function(operator.getitem, (call, 0))
                 smooth_scale_outputs.append(graph.call_function(operator.getitem, (call, 1)))
+                hits_outputs.append(graph.call_function(operator.getitem, (call, 2)))
             else:
                 output = graph.call_function(
                     numerics.quaff_linear,
@@ -136,7 +139,8 @@ def rewrite_linears(
         node.replace_all_uses_with(output)
         graph.erase_node(node)
 
-    # 3. Return the smooth scales used after the graph's own outputs.
+    # 3. Return the smooth scales used, then the outlier hits, after the graph's own outputs.
+    smooth_scale_outputs += hits_outputs
     if smooth_scale_outputs:
         output_node = graph.find_nodes(op="output")[0]
         outputs = output_node.args[0]

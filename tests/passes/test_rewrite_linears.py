@@ -67,8 +67,9 @@ def test_rewrite_counts():
     # Six state inputs per smoothed linear, then one update flag.
     assert len(gm.graph.find_nodes(op="placeholder")) == placeholders_before + 2 * 6 + 1
     assert gm.graph.find_nodes(op="placeholder")[-1].name == UPDATE_FLAG_NAME
+    # The model's output, then per smoothed linear its smooth_scale and its outlier hits.
     outputs = gm.graph.find_nodes(op="output")[0].args[0]
-    assert len(outputs) == 1 + 2
+    assert len(outputs) == 1 + 2 + 2
 
 
 @given(st.lists(st.integers(2, 8).map(lambda n: 8 * n), min_size=2, max_size=4))
