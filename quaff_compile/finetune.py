@@ -28,7 +28,7 @@ from quaff_compile.config import QuaffConfig
 
 from quaff_compile.data import batch_iterator, load_examples, pack_sequences, split_held_out, tokenize_examples
 from quaff_compile.models import load_model_and_tokenizer
-from quaff_compile.state import layer_states
+from quaff_compile.state import layer_states, stability_report
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="quaff backend option, such as matmul=int_mm or momentum=0.9 (repeatable; values are read as "
         "JSON where they parse; the README lists the options)",
+    )
+    parser.add_argument(
+        "--plots",
+        type=Path,
+        metavar="DIR",
+        help="write loss.png (training loss per step) and stability.png (outlier-channel overlap per layer "
+        "and step) to this folder",
     )
     parser.add_argument(
         "--compile",
@@ -213,6 +220,7 @@ def run_variant(name: str, base_model, train_rows, eval_rows, args, backend: str
     timed = step_times[1:] or step_times
     step_time = statistics.median(timed)
     quantized, skipped = _count_linears(model)
+    stability = stability_report(model)
     result = {
         "backend": backend,
         "losses": losses,
@@ -224,6 +232,8 @@ def run_variant(name: str, base_model, train_rows, eval_rows, args, backend: str
         "eval_loss": evaluate(compiled, eval_rows, args.batch_size),
         "peak_rss_mb": peak_rss_mb(),
     }
+    if stability:
+        result["outlier_stability"] = stability
     del compiled, model, optimizer
     return result
 
@@ -242,6 +252,52 @@ def _print_summary(name: str, result: dict) -> None:
     print(f"  median step after it: {result['step_time_s']:.3f} s ({result['tokens_per_s']:.0f} tokens/s)")
     print(f"  linears in int8: {result['quantized_linears']}, frozen linears kept in float: {result['skipped_linears']}")
     print(f"  peak RSS of the process up to the end of this run: {result['peak_rss_mb']:.0f} MiB")
+    stability = result.get("outlier_stability")
+    if stability:
+        means = {fqn: statistics.fmean(overlaps) for fqn, overlaps in stability.items() if overlaps}
+        worst = min(means, key=means.get)
+        print(
+            f"  outlier stability (Jaccard overlap of each step's top channels with the chosen ones): "
+            f"mean {statistics.fmean(means.values()):.3f} over {len(means)} layers; "
+            f"worst {worst} ({means[worst]:.3f})"
+        )
+
+
+def write_plots(folder: Path, report: dict) -> None:
+    """Write the loss curve and the outlier-stability heatmap (layers by steps) as PNG files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot(range(1, len(report["losses"]) + 1), report["losses"], label="quaff")
+    if "inductor_fp32" in report:
+        reference = report["inductor_fp32"]["losses"]
+        axes.plot(range(1, len(reference) + 1), reference, label="Inductor fp32")
+    axes.set_xlabel("step")
+    axes.set_ylabel("training loss")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(folder / "loss.png", dpi=120)
+    plt.close(figure)
+
+    stability = report.get("outlier_stability", {})
+    names = list(stability)
+    steps = max((len(overlaps) for overlaps in stability.values()), default=0)
+    grid = torch.full((max(len(names), 1), max(steps, 1)), float("nan"))
+    for row, name in enumerate(names):
+        grid[row, : len(stability[name])] = torch.tensor(stability[name])
+    figure, axes = plt.subplots(figsize=(8, max(3.0, 0.05 * len(names) + 1.5)))
+    image = axes.imshow(grid.numpy(), aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
+    axes.set_xlabel("training step")
+    axes.set_ylabel(f"layer ({len(names)} with outlier slots)")
+    axes.set_title("Jaccard overlap of each step's top outlier channels with the chosen ones")
+    figure.colorbar(image, ax=axes)
+    figure.tight_layout()
+    figure.savefig(folder / "stability.png", dpi=120)
+    plt.close(figure)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,6 +348,9 @@ def _run(args, options, base_model, train_rows, eval_rows) -> int:
     if not all(math.isfinite(loss) for loss in report["losses"]):
         print("quaff-finetune: the loss became NaN or infinite", file=sys.stderr)
         return 1
+    if args.plots is not None:
+        write_plots(args.plots, report)
+        print(f"wrote {args.plots / 'loss.png'} and {args.plots / 'stability.png'}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -19,9 +19,11 @@ def test_finetune_writes_json(tiny_model_folder, text_file, tmp_path, capsys):
     arguments = [
         "--model", str(tiny_model_folder), "--data", str(text_file),
         "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--lr", "0.01",
-        "--json", str(output), *option_arguments(TINY_OPTIONS),
+        "--json", str(output), "--plots", str(tmp_path / "plots"), *option_arguments(TINY_OPTIONS),
     ]
     assert main(arguments) == 0
+    assert (tmp_path / "plots" / "loss.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "stability.png").stat().st_size > 0
 
     result = json.loads(output.read_text())
     for key in ("losses", "step_time_s", "tokens_per_s", "quantized_linears", "skipped_linears", "peak_rss_mb"):
@@ -30,7 +32,10 @@ def test_finetune_writes_json(tiny_model_folder, text_file, tmp_path, capsys):
     assert result["quantized_linears"] == 14
     assert result["skipped_linears"] == 1
     assert result["tokens_per_s"] > 0
-    assert "held-out eval loss" in capsys.readouterr().out
+    assert all(len(overlaps) == 4 for overlaps in result["outlier_stability"].values())
+    output_text = capsys.readouterr().out
+    assert "held-out eval loss" in output_text
+    assert "outlier stability" in output_text
 
 
 def test_finetune_compare_reports_ratio(tiny_model_folder, text_file, tmp_path, capsys):
