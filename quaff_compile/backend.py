@@ -137,10 +137,9 @@ class QuaffCompiledGraph:
 
             slots = outlier_slots(weight.shape[1], self.config.outlier_max_ratio) if linear.smoothed else 0
             state = LayerState.from_weight(fqn, weight, channels, slots)
-            state.channels_fixed = preset is not None or supplied is not None
+            state.channels_fixed = supplied is not None
             if preset is not None:
-                state.assign_outliers(weight, channels, list(preset["smooth_scale"]))
-                state.updates = int(preset.get("updates", 0))
+                state.restore(weight, preset)
             set_layer_state(weight, state)
             log.debug("%s: outlier channels %s", fqn, state.outlier_channels)
 

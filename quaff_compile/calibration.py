@@ -163,12 +163,16 @@ def resolve_outlier_channels(source: Mapping[str, list[int]] | str | Path) -> di
 
 
 def state_dict(model: torch.nn.Module) -> dict[str, dict]:
-    """Return each quantized linear's outlier channels and current `smooth_scale`, by fqn."""
+    """Return each quantized linear's outlier channels, current `smooth_scale` and calibration progress, by fqn."""
     return {
         fqn: {
             "outlier_channels": state.outlier_channels,
             "smooth_scale": state.smooth_scale[: state.num_outliers].tolist(),
             "updates": state.updates,
+            "calibration_steps": state.calibration_steps,
+            "channels_fixed": state.channels_fixed,
+            "hit_counts": None if state.hit_counts is None else state.hit_counts.tolist(),
+            "stability": list(state.stability),
         }
         for fqn, state in layer_states(model).items()
     }

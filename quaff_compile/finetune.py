@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import logging
 import math
@@ -28,7 +29,8 @@ from quaff_compile.config import QuaffConfig
 
 from quaff_compile.data import batch_iterator, load_examples, pack_sequences, split_held_out, tokenize_examples
 from quaff_compile.models import load_model_and_tokenizer
-from quaff_compile.state import layer_states, stability_report
+from quaff_compile.calibration import state_dict as quaff_state_dict
+from quaff_compile.state import layer_states, load_state_dict as load_quaff_state_dict, stability_report
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="quaff backend option, such as matmul=int_mm or momentum=0.9 (repeatable; values are read as "
         "JSON where they parse; the README lists the options)",
+    )
+    parser.add_argument(
+        "--save",
+        type=Path,
+        metavar="DIR",
+        help="after training, save the LoRA adapter, the Quaff state and the optimizer to this folder",
+    )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="continue from a folder written by --save: --steps more steps, on the batches that follow",
     )
     parser.add_argument(
         "--plots",
@@ -192,18 +206,52 @@ def evaluate(compiled, rows: torch.Tensor, batch_size: int) -> float:
     return statistics.fmean(losses)
 
 
+def save_checkpoint(folder: Path, model, optimizer, steps_done: int) -> None:
+    """Write the LoRA adapter, the Quaff state, the optimizer state and the step count to `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder / "adapter")
+    (folder / "quaff_state.json").write_text(json.dumps(quaff_state_dict(model)) + "\n")
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    (folder / "progress.json").write_text(json.dumps({"steps_done": steps_done}) + "\n")
+
+
+CHECKPOINT_FILES = ("adapter", "quaff_state.json", "optimizer.pt", "progress.json")
+
+
+def check_checkpoint(folder: Path) -> None:
+    """Raise FileNotFoundError unless `folder` holds everything `save_checkpoint` writes."""
+    missing = [name for name in CHECKPOINT_FILES if not (folder / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a quaff-finetune checkpoint: {missing} not found; write one with --save")
+
+
+def load_checkpoint(folder: Path, model, optimizer) -> int:
+    """Restore what `save_checkpoint` wrote into `model` and `optimizer`; return the steps already done."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    check_checkpoint(folder)
+    set_peft_model_state_dict(model, load_file(folder / "adapter" / "adapter_model.safetensors"))
+    load_quaff_state_dict(model, json.loads((folder / "quaff_state.json").read_text()))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    return int(json.loads((folder / "progress.json").read_text())["steps_done"])
+
+
 def run_variant(name: str, base_model, train_rows, eval_rows, args, backend: str, options: dict) -> dict:
     """Fine-tune one copy of the model with one backend and return its measurements."""
     model = _make_peft_model(base_model, args.lora_r, args.seed)
     model.train()
     compiled = compile_model(model, backend, options if backend == "quaff" else {}, args.compile)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    checkpointing = backend == "quaff"
+    done = load_checkpoint(args.resume, model, optimizer) if checkpointing and args.resume else 0
 
     losses, step_times = [], []
-    batches = batch_iterator(train_rows, args.batch_size, args.steps, seed=args.seed)
+    batches = batch_iterator(train_rows, args.batch_size, done + args.steps, seed=args.seed)
+    batches = itertools.islice(batches, done, None)  # the batches an uninterrupted run would see next
     # disable=None turns the bar off where stderr is not a terminal (a log file).
     progress = tqdm(batches, total=args.steps, desc=name, unit="step", file=sys.stderr, disable=None)
-    for step, batch in enumerate(progress, start=1):
+    for step, batch in enumerate(progress, start=done + 1):
         start = time.perf_counter()
         loss = compiled(**batch).loss
         loss.backward()
@@ -214,7 +262,10 @@ def run_variant(name: str, base_model, train_rows, eval_rows, args, backend: str
         losses.append(loss.item())
         step_times.append(elapsed)
         progress.set_postfix(loss=f"{losses[-1]:.4f}", step_s=f"{elapsed:.2f}")
-        progress.write(f"{name} step {step}/{args.steps}: loss {losses[-1]:.4f}, {elapsed:.3f} s")
+        progress.write(f"{name} step {step}/{done + args.steps}: loss {losses[-1]:.4f}, {elapsed:.3f} s")
+
+    if checkpointing and args.save:
+        save_checkpoint(args.save, model, optimizer, done + args.steps)
 
     # The first step includes compiling the forward and backward graphs.
     timed = step_times[1:] or step_times
@@ -310,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = parse_options(args.option)
         QuaffConfig.from_options(options)
+        if args.resume is not None:
+            check_checkpoint(args.resume)
         examples = load_examples(args.data)
         base_model, tokenizer = load_model_and_tokenizer(args.model)
         train_examples, held_out = split_held_out(examples, fraction=0.1, seed=args.seed)

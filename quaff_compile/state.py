@@ -123,6 +123,17 @@ class LayerState:
         self.channels_fixed = self.calibration_steps >= calibration_steps
         return self.channels_fixed
 
+    def restore(self, weight: torch.Tensor, entry: dict) -> None:
+        """Restore what `quaff_compile.state_dict` saved for this layer."""
+        self.assign_outliers(weight, list(entry["outlier_channels"]), list(entry["smooth_scale"]))
+        self.updates = int(entry.get("updates", self.updates))
+        self.calibration_steps = int(entry.get("calibration_steps", self.calibration_steps))
+        # Entries without calibration progress hold channels chosen elsewhere: keep them.
+        self.channels_fixed = bool(entry.get("channels_fixed", True))
+        hit_counts = entry.get("hit_counts")
+        self.hit_counts = None if hit_counts is None else torch.tensor(hit_counts, dtype=torch.long)
+        self.stability = list(entry.get("stability", []))
+
     def assign_outliers(self, weight: torch.Tensor, outlier_channels: list[int], smooth_scale: list[float]) -> None:
         """Replace the outlier channels and their `smooth_scale` in place, keeping the slot count."""
         slots = self.outlier_slots.numel()
@@ -221,9 +232,7 @@ def load_state_dict(model: torch.nn.Module, state: dict[str, dict]) -> None:
         if existing is None:
             _PRESETS[weight] = dict(entry)
             continue
-        existing.assign_outliers(weight, list(entry["outlier_channels"]), list(entry["smooth_scale"]))
-        existing.updates = int(entry.get("updates", existing.updates))
-        existing.channels_fixed = True
+        existing.restore(weight, entry)
 
 
 def layer_states(model: torch.nn.Module) -> dict[str, LayerState]:

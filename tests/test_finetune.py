@@ -91,3 +91,23 @@ def test_missing_data_file_fails_cleanly(tmp_path, capsys):
     missing = tmp_path / "missing.txt"
     assert main(["--model", "/nonexistent/model", "--data", str(missing)]) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+def test_resume_gives_same_losses(tiny_model_folder, text_file, tmp_path):
+    common = [
+        "--model", str(tiny_model_folder), "--data", str(text_file), "--batch-size", "2", "--seq-len", "16",
+        "--lr", "0.01", *option_arguments({**TINY_OPTIONS, "online_calibration_steps": 3}),
+    ]
+    assert main([*common, "--steps", "4", "--json", str(tmp_path / "whole.json")]) == 0
+    assert main([*common, "--steps", "2", "--save", str(tmp_path / "checkpoint")]) == 0
+    assert main([*common, "--steps", "2", "--resume", str(tmp_path / "checkpoint"), "--json", str(tmp_path / "rest.json")]) == 0
+
+    whole = json.loads((tmp_path / "whole.json").read_text())["losses"]
+    rest = json.loads((tmp_path / "rest.json").read_text())["losses"]
+    assert rest == whole[2:]
+
+
+def test_resume_from_missing_checkpoint(tiny_model_folder, text_file, tmp_path, capsys):
+    arguments = ["--model", str(tiny_model_folder), "--data", str(text_file), "--seq-len", "16", "--resume", str(tmp_path)]
+    assert main(arguments) == 2
+    assert "not a quaff-finetune checkpoint" in capsys.readouterr().err
