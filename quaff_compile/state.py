@@ -49,6 +49,8 @@ class LayerState:
     outlier_weight_absmax: torch.Tensor
     smooth_scale: torch.Tensor
     updates: int = 0
+    weight_pointer: int = 0
+    weight_sample: torch.Tensor | None = None
     # Online calibration: hits summed over the first training steps, until fixed.
     hit_counts: torch.Tensor | None = None
     calibration_steps: int = 0
@@ -159,11 +161,17 @@ class LayerState:
     def refresh_if_stale(self, weight: torch.Tensor) -> bool:
         """Quantize the weight again, in place, when its data changed since the last time.
 
-        An in-place change (`load_state_dict`, `copy_`, a merge of adapters)
-        bumps the tensor's version counter, which is what this compares.
-        Returns whether anything was quantized.
+        An in-place change (`load_state_dict`, `copy_`) bumps the tensor's
+        version counter. Changes through `.data`, which PEFT's adapter merge
+        uses, bump nothing, so this also compares the storage pointer and a
+        strided sample of 256 weights. Returns whether anything was quantized.
         """
-        if weight._version == self.weight_version:
+        sample = _weight_sample(weight)
+        if (
+            weight._version == self.weight_version
+            and weight.data_ptr() == self.weight_pointer
+            and torch.equal(sample, self.weight_sample)
+        ):
             return False
         with torch.no_grad():
             weight = weight.detach()
@@ -180,7 +188,15 @@ class LayerState:
         if self.weight_version != -1:
             log.debug("quantized %s again after its weight changed", self.fqn)
         self.weight_version = weight._version
+        self.weight_pointer = weight.data_ptr()
+        self.weight_sample = sample
         return True
+
+
+def _weight_sample(weight: torch.Tensor) -> torch.Tensor:
+    """Return about 256 weights spread over the whole tensor, as a cheap change detector."""
+    flat = weight.detach().reshape(-1)
+    return flat[:: max(1, flat.numel() // 256)].clone()
 
 
 def _top_channels(counts: torch.Tensor, limit: int) -> list[int]:

@@ -273,3 +273,22 @@ def test_stability_report_per_step():
     assert all(len(overlaps) == 3 for overlaps in report.values())
     assert report["base_model.model.model.layers.1.mlp.gate_proj.base_layer"] == [1.0, 1.0, 1.0]
     assert all(0.0 <= overlap <= 1.0 for overlaps in report.values() for overlap in overlaps)
+
+
+def test_adapter_merge_and_unmerge_are_seen():
+    """PEFT merges through `.data +=`, which bumps no version counter."""
+    model = tiny_peft_llama()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)  # a non-zero adapter, so merging changes W
+    model.eval()
+    compiled = torch.compile(model, backend="quaff", options=TINY_OPTIONS)
+    with torch.no_grad():
+        compiled(input_ids=INPUTS)
+        for action in (model.merge_adapter, model.unmerge_adapter):
+            action()
+            reference = model(input_ids=INPUTS).logits
+            output = compiled(input_ids=INPUTS).logits
+            error = (output - reference).norm() / reference.norm()
+            assert error < 0.05, f"relative error {error:.4f} after {action.__name__}"
