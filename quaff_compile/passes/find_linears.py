@@ -2,9 +2,9 @@
 
 After Dynamo capture, `nn.Linear`, its subclasses and `F.linear` all appear
 as `call_function` nodes whose target is the builtin `torch._C._nn.linear`
-(which `F.linear` is). Since torch 2.5 Dynamo lifts module parameters into
+(which `F.linear` is). Dynamo in torch 2.13 lifts module parameters into
 graph inputs, so a frozen weight is a placeholder whose example input is the
-real `nn.Parameter`; older settings keep it as a `get_attr`, handled too.
+real `nn.Parameter`. A weight held in a `get_attr` node is handled too.
 
 A linear is quantized only where its weight is a frozen parameter whose
 values we hold at compile time, the user's filter lets it through and
@@ -57,8 +57,8 @@ class ParameterResolver:
 
     Dynamo names each graph input by a source expression such as
     `L['self']._modules['model']...._parameters['weight']`. The root (`L['self']`)
-    is looked up in the frame Dynamo is compiling; when that root is a module,
-    the fqn comes from its `named_parameters()`, so it matches what users see.
+    is looked up in the frame Dynamo is compiling. When that root is a module,
+    the fqn comes from its `named_parameters()`, so it matches what users print.
     Otherwise the fqn is spelled out from the source expression and the module
     stays unknown.
     """
