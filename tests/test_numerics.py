@@ -124,7 +124,7 @@ def test_smoothed_linear_forward_within_bound(matmul):
     smooth_scale = torch.ones(2)
     update = torch.tensor(True)
 
-    y, used = smoothed_quaff_linear(x, *tensors[:2], None, *tensors[2:], smooth_scale, update, 0.9, matmul)
+    y, used, _ = smoothed_quaff_linear(x, *tensors[:2], None, *tensors[2:], smooth_scale, update, 0.9, matmul)
     reference = x.double() @ weight.double().T
 
     assert (used > 1).all()
@@ -146,7 +146,7 @@ def test_smoothing_reduces_error_on_outlier_channels():
     reference = x.double() @ weight.double().T
 
     plain = quaff_linear(x, *tensors[:2], None, "emulated")
-    smoothed, _ = smoothed_quaff_linear(
+    smoothed, _, _ = smoothed_quaff_linear(
         x, *tensors[:2], None, *tensors[2:], torch.ones(2), torch.tensor(True), 1.0, "emulated"
     )
 
@@ -178,7 +178,7 @@ def test_grad_input_within_bound(matmul):
     tensors = layer_tensors(weight, channels)
     grad_output = torch.randn(48, 64)
 
-    y, _ = smoothed_quaff_linear(x, *tensors[:2], None, *tensors[2:], torch.ones(2), torch.tensor(True), 0.9, matmul)
+    y, _, _ = smoothed_quaff_linear(x, *tensors[:2], None, *tensors[2:], torch.ones(2), torch.tensor(True), 0.9, matmul)
     y.backward(grad_output)
     reference = grad_output.double() @ weight.double()
 

@@ -151,7 +151,7 @@ def test_decomposition_exact_property(layer):
     with mock.patch.object(numerics, "quantize_per_token", identity_quantize), mock.patch.object(
         numerics, "int8_matmul", float_matmul
     ):
-        y, _ = smoothed_quaff_linear(
+        y, _, _ = smoothed_quaff_linear(
             x, weight, torch.ones(weight.shape[0]), None, index, weight[:, index],
             weight[:, index].abs().amax(dim=0), smooth_scale.float(), torch.tensor(False), 0.9, "emulated",
         )
@@ -184,7 +184,7 @@ def test_int8_linear_error_bound_property(layer, matmul):
     weight_qdata, weight_scale = quantize_weight_per_channel(weight)
     index = torch.tensor(channels)
     outlier_weight = weight[:, index]
-    y, used = smoothed_quaff_linear(
+    y, used, _ = smoothed_quaff_linear(
         x, weight_qdata, weight_scale, None, index, outlier_weight, outlier_weight.abs().amax(dim=0).clamp_min(1e-12),
         smooth_scale.float(), torch.tensor(False), 0.9, matmul,
     )
