@@ -111,12 +111,14 @@ class QuaffCompiledGraph:
         presets = {index: take_preset(weights[index]) for index in missing}
         supplied = self.config.outlier_channels
         to_observe = [index for index in missing if presets[index] is None and supplied is None]
+        input_absmax: dict[str, torch.Tensor] = {}
         observed = observe_outlier_channels(
             self.original_gm,
             args,
             [self.rewrite.linears[index].match.node.name for index in to_observe],
             threshold=self.config.outlier_threshold,
             max_ratio=self.config.outlier_max_ratio,
+            input_absmax=input_absmax,
         )
         for index in missing:
             weight = weights[index]
@@ -140,6 +142,8 @@ class QuaffCompiledGraph:
             state.channels_fixed = supplied is not None
             if preset is not None:
                 state.restore(weight, preset)
+            elif linear.match.node.name in input_absmax:
+                state.start_smooth_scale(input_absmax[linear.match.node.name])
             set_layer_state(weight, state)
             log.debug("%s: outlier channels %s", fqn, state.outlier_channels)
 

@@ -125,6 +125,15 @@ class LayerState:
         self.channels_fixed = self.calibration_steps >= calibration_steps
         return self.channels_fixed
 
+    def start_smooth_scale(self, input_absmax: torch.Tensor) -> None:
+        """Set `smooth_scale` from one batch's max |x| per input channel, so eval-only use is smoothed too."""
+        count = self.num_outliers
+        if not count:
+            return
+        x_absmax = input_absmax.to(self.smooth_scale.device)[self.outlier_slots[:count]]
+        start = torch.sqrt(x_absmax / self.outlier_weight_absmax[:count]).clamp_min(1.0)
+        self.smooth_scale[:count] = torch.where(torch.isfinite(start), start, torch.ones_like(start))
+
     def restore(self, weight: torch.Tensor, entry: dict) -> None:
         """Restore what `quaff_compile.state_dict` saved for this layer."""
         self.assign_outliers(weight, list(entry["outlier_channels"]), list(entry["smooth_scale"]))

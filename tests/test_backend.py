@@ -292,3 +292,15 @@ def test_adapter_merge_and_unmerge_are_seen():
             output = compiled(input_ids=INPUTS).logits
             error = (output - reference).norm() / reference.norm()
             assert error < 0.05, f"relative error {error:.4f} after {action.__name__}"
+
+
+def test_eval_only_use_is_smoothed():
+    """Layers first seen under no_grad start from the batch's smooth scale, not 1."""
+    model = tiny_llama().requires_grad_(False).eval()
+    compiled = torch.compile(model, backend="quaff", options=TINY_OPTIONS)
+    with torch.no_grad():
+        compiled(input_ids=INPUTS)
+    up_proj = layer_states(model)["model.layers.0.mlp.up_proj"]
+    assert up_proj.outlier_channels == [3, 17]
+    assert (up_proj.smooth_scale[:2] > 1).all()
+    assert up_proj.updates == 0

@@ -50,12 +50,14 @@ class _OutlierObserver(fx.Interpreter):
         self.threshold = threshold
         self.max_ratio = max_ratio
         self.channels: dict[str, list[int]] = {}
+        self.input_absmax: dict[str, torch.Tensor] = {}
 
     def run_node(self, node: fx.Node):
         if node.name in self.watched:
             args, kwargs = self.fetch_args_kwargs_from_env(node)
             x = args[0] if args else kwargs["input"]
             self.channels[node.name] = select_outlier_channels(x, self.threshold, self.max_ratio)
+            self.input_absmax[node.name] = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
         return super().run_node(node)
 
 
@@ -65,10 +67,12 @@ def observe_outlier_channels(
     linear_names: list[str],
     threshold: float,
     max_ratio: float,
+    input_absmax: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, list[int]]:
     """Run `gm` on `example_inputs` and return the outlier channels of the named linear nodes.
 
-    Returns an empty mapping, after a warning, when the graph cannot run
+    When `input_absmax` is given, it receives each linear's max |x| per input
+    channel. Returns an empty mapping, after a warning, when the graph cannot run
     eagerly on these inputs; the layers then get no outlier channels.
     """
     if not linear_names:
@@ -89,4 +93,6 @@ def observe_outlier_channels(
             error,
         )
         return {}
+    if input_absmax is not None:
+        input_absmax.update(observer.input_absmax)
     return observer.channels
