@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-# How the int8 matrix product is computed. "int_mm" calls `torch._int_mm`;
-# "emulated" computes the same int32 result with fp32 matmuls over chunks of
-# the inner dimension (exact, see `numerics.int8_matmul`); "auto" picks
-# "int_mm" where the hardware has an int8 matrix unit and "emulated" elsewhere.
+# How the int8 matrix product is computed. "int_mm" calls `torch._int_mm`.
+# "emulated" computes the same int32 result with exact fp32 matmuls over chunks
+# of the inner dimension (see `numerics.int8_matmul`). "auto" picks "int_mm"
+# where the hardware has an int8 matrix unit and "emulated" elsewhere.
 MATMUL_CHOICES = ("auto", "int_mm", "emulated")
 
 

