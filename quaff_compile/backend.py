@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import collections
 import logging
+import warnings
 import weakref
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from quaff_compile.config import QuaffConfig
+from quaff_compile.config import QuaffConfig, QuaffInputError
 from quaff_compile.numerics import int_mm_is_fast
 from quaff_compile.passes.find_linears import LinearMatch, ParameterResolver, find_linears
 from quaff_compile.passes.observe_outliers import observe_outlier_channels
@@ -79,11 +80,34 @@ class QuaffCompiledGraph:
                 self._weight_sources.append(weakref.ref(linear.match.weight))
 
     def is_training(self) -> bool:
-        """Return whether this call moves the momentum state: grad enabled and the model in train mode."""
+        """Return whether this call may move the momentum state: grad enabled and the model in train mode."""
         if not torch.is_grad_enabled():
             return False
         module = self._training_module() if self._training_module is not None else None
         return True if module is None else module.training
+
+    def moves_state(self, states: list[LayerState]) -> bool:
+        """Decide whether this call moves the momentum state, and note it for a later recompute.
+
+        Activation checkpointing runs a forward again inside the backward pass.
+        Non-reentrant checkpointing already moved the state in the first
+        forward, so the recompute must not; reentrant checkpointing ran the
+        first forward under `no_grad`, so the recompute is the one training
+        forward and moves it.
+        """
+        if not self.is_training():
+            if not torch.is_grad_enabled():
+                for state in states:
+                    state.awaiting_recompute = False
+            return False
+        if torch._C._current_graph_task_id() != -1:  # inside a backward pass: a recompute
+            recompute = any(state.awaiting_recompute for state in states)
+            for state in states:
+                state.awaiting_recompute = False
+            return not recompute
+        for state in states:
+            state.awaiting_recompute = True
+        return True
 
     def _weights(self, args) -> list[torch.Tensor]:
         return [args[source] if isinstance(source, int) else source() for source in self._weight_sources]
@@ -97,9 +121,10 @@ class QuaffCompiledGraph:
             self._create_states(args, weights, missing)
             states = [get_layer_state(weight) for weight in weights]
         for linear, weight, state in zip(self.rewrite.linears, weights, states):
-            slots = outlier_slots(weight.shape[1], self.config.outlier_max_ratio) if linear.smoothed else 0
+            in_features = linear.match.linear_weight(weight).shape[1]
+            slots = outlier_slots(in_features, self.config.outlier_max_ratio) if linear.smoothed else 0
             if state.outlier_slots.numel() != slots:
-                raise ValueError(
+                raise QuaffInputError(
                     f"{state.fqn} has {state.outlier_slots.numel()} outlier slots but this graph was compiled "
                     f"for {slots}; use the same outlier_max_ratio in every torch.compile of a model"
                 )
@@ -137,8 +162,9 @@ class QuaffCompiledGraph:
             else:
                 channels = observed.get(linear.match.node.name, [])
 
-            slots = outlier_slots(weight.shape[1], self.config.outlier_max_ratio) if linear.smoothed else 0
-            state = LayerState.from_weight(fqn, weight, channels, slots)
+            in_features = linear.match.linear_weight(weight).shape[1]
+            slots = outlier_slots(in_features, self.config.outlier_max_ratio) if linear.smoothed else 0
+            state = LayerState.from_weight(fqn, weight, channels, slots, transposed=linear.match.transposed)
             state.channels_fixed = supplied is not None
             if preset is not None:
                 state.restore(weight, preset)
@@ -152,7 +178,7 @@ class QuaffCompiledGraph:
         fixed_now = []
         with torch.no_grad():
             for (state, weight), smooth_scale, layer_hits in zip(smoothed, smooth_scales, hits):
-                state.smooth_scale.copy_(smooth_scale)
+                state.smooth_scale = smooth_scale.detach()
                 state.updates += 1
                 if state.observe(weight, layer_hits, self.config.online_calibration_steps):
                     fixed_now.append(state)
@@ -168,7 +194,7 @@ class QuaffCompiledGraph:
     def __call__(self, *args):
         weights = self._weights(args)
         states = self.layer_states(args, weights)
-        training = self.is_training()
+        training = self.moves_state(states)
         extra = []
         for linear, state in zip(self.rewrite.linears, states):
             extra += [state.weight_qdata, state.weight_scale]
@@ -255,12 +281,42 @@ def _inductor_config_patches(mode: str | None, dynamic: bool | None) -> dict:
     return dict(list_mode_options(mode, dynamic))
 
 
+_FALLBACK_WARNED: set[str] = set()  # the causes already warned about, so each is warned once
+
+
 def quaff_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None, **kwargs):
-    """Compile a Dynamo graph with its frozen linears lowered to int8 Quaff linears."""
+    """Compile a Dynamo graph with its frozen linears lowered to int8 Quaff linears.
+
+    If the pass fails on the graph, the graph is compiled by Inductor in float
+    instead, with one warning per cause; `options={"strict": True}` raises.
+    Bad user input (`QuaffInputError`) always raises.
+    """
     from torch._inductor.compile_fx import compile_fx
 
     config = QuaffConfig.from_options(options)
     config_patches = _inductor_config_patches(mode, kwargs.get("dynamic"))
+    try:
+        return _compile_quantized(gm, example_inputs, config, config_patches)
+    except QuaffInputError:
+        raise
+    except Exception as error:
+        if config.strict:
+            raise
+        cause = f"{type(error).__name__}: {error}"
+        if cause not in _FALLBACK_WARNED:
+            _FALLBACK_WARNED.add(cause)
+            warnings.warn(
+                f"quaff: the int8 pass failed on a graph ({cause}); compiling that graph in float with Inductor "
+                "instead. Pass options={'strict': True} to raise.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        log.debug("quaff: graph compiled in float because the int8 pass failed", exc_info=True)
+        return compile_fx(gm, example_inputs, config_patches=config_patches)
+
+
+def _compile_quantized(gm: fx.GraphModule, example_inputs, config: QuaffConfig, config_patches: dict):
+    from torch._inductor.compile_fx import compile_fx
 
     gm = _copy_graph_module(gm)
     resolver = ParameterResolver()
@@ -273,7 +329,9 @@ def quaff_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     device = chosen[0].weight.device
     matmul = _resolve_matmul(config, device)
     original_gm = _copy_graph_module(gm)
-    smoothed = [outlier_slots(match.weight.shape[1], config.outlier_max_ratio) > 0 for match in chosen]
+    smoothed = [
+        outlier_slots(match.linear_weight(match.weight).shape[1], config.outlier_max_ratio) > 0 for match in chosen
+    ]
     rewrite = rewrite_linears(
         gm, list(zip(chosen, smoothed)), momentum=config.momentum, matmul=matmul, threshold=config.outlier_threshold
     )

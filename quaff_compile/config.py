@@ -18,6 +18,13 @@ import torch
 MATMUL_CHOICES = ("auto", "int_mm", "emulated")
 
 
+class QuaffInputError(ValueError):
+    """Bad input from the user (options, outlier channels, saved state).
+
+    The backend's float fallback never hides it: it always reaches the user.
+    """
+
+
 @dataclass(frozen=True, kw_only=True)
 class QuaffConfig:
     """Options of the quaff backend, passed as `torch.compile(..., options={...})`.
@@ -42,6 +49,8 @@ class QuaffConfig:
         online_calibration_steps: without supplied channels, the outlier
             channels follow the hits of this many training forwards, then stay
             fixed.
+        strict: when the pass fails on a graph, raise instead of compiling
+            that graph with Inductor in float and warning once.
     """
 
     momentum: float = 0.9
@@ -52,6 +61,7 @@ class QuaffConfig:
     matmul: str = "auto"
     outlier_channels: Mapping[str, list[int]] | str | None = None
     online_calibration_steps: int = 8
+    strict: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.skip_fqns, str) or not all(isinstance(name, str) for name in self.skip_fqns):
@@ -71,6 +81,8 @@ class QuaffConfig:
             raise ValueError(f"matmul must be one of {MATMUL_CHOICES}, got {self.matmul!r}")
         if not isinstance(self.online_calibration_steps, int) or self.online_calibration_steps < 1:
             raise ValueError(f"online_calibration_steps must be an integer of at least 1, got {self.online_calibration_steps!r}")
+        if not isinstance(self.strict, bool):
+            raise ValueError(f"strict must be True or False, got {self.strict!r}")
         if self.outlier_channels is not None:
             from quaff_compile.calibration import resolve_outlier_channels
 

@@ -128,7 +128,7 @@ def _explain_graph(gm: fx.GraphModule, example_inputs, config: QuaffConfig) -> G
     )
     linears = []
     for match in matches:
-        weight_shape = tuple(match.weight.shape) if match.weight is not None else None
+        weight_shape = tuple(match.linear_weight(match.weight).shape) if match.weight is not None else None
         outliers = 0
         if match.quantize:
             state = get_layer_state(match.weight)
@@ -144,7 +144,9 @@ def _explain_graph(gm: fx.GraphModule, example_inputs, config: QuaffConfig) -> G
             )
         )
 
-    smoothed = [outlier_slots(match.weight.shape[1], config.outlier_max_ratio) > 0 for match in chosen]
+    smoothed = [
+        outlier_slots(match.linear_weight(match.weight).shape[1], config.outlier_max_ratio) > 0 for match in chosen
+    ]
     rewrite_linears(gm, list(zip(chosen, smoothed)), momentum=config.momentum, matmul="int_mm")
     return GraphReport(linears=linears, code_before=code_before, code_after=gm.code)
 

@@ -34,6 +34,10 @@ QUANT_MAX = 127
 # an integer that fp32 represents exactly, whatever order the BLAS adds in.
 EMULATED_CHUNK = 1024
 
+# The largest inner size whose int32 sums cannot overflow: 133,144 products of
+# two int8 values in [-127, 127] reach at most 2,147,479,576 < 2**31 - 1.
+MAX_INNER = (2**31 - 1) // (QUANT_MAX * QUANT_MAX)
+
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a 2-D tensor row by row to symmetric int8.
@@ -63,8 +67,15 @@ def int_mm_refusal(in_features: int, out_features: int) -> str | None:
     and an output size not a multiple of 8. The CPU kernel of torch 2.13
     accepts them, but applying one rule keeps behaviour the same on both
     devices. The backward multiplies over the output size, so it must meet the
-    inner-size rule too.
+    inner-size rule too. Neither size may exceed MAX_INNER, so that the int32
+    sums cannot overflow.
     """
+    for name, size in (("in_features", in_features), ("out_features", out_features)):
+        if size > MAX_INNER:
+            return (
+                f"{name}={size} exceeds {MAX_INNER}, beyond which the int32 accumulator of an int8 matmul "
+                "can overflow"
+            )
     if in_features < 16 or in_features % 8:
         return f"in_features={in_features} must be at least 16 and a multiple of 8 for torch._int_mm"
     if out_features < 16 or out_features % 8:
@@ -139,6 +150,25 @@ class QuaffLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight_qdata, weight_scale, bias, outlier_channels, outlier_weight, smooth_scale, matmul):
+        # Under autocast, eager linear returns the autocast dtype; the int8
+        # arithmetic itself must stay out of autocast, which would run the fp32
+        # emulation and the correction term in half precision.
+        device_type = x.device.type
+        output_dtype = x.dtype
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            output_dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            y = QuaffLinearFunction._forward(
+                x, weight_qdata, weight_scale, bias, outlier_channels, outlier_weight, smooth_scale, matmul
+            )
+        ctx.save_for_backward(weight_qdata, weight_scale)
+        ctx.matmul = matmul
+        ctx.x_shape = x.shape
+        ctx.x_dtype = x.dtype
+        return y.to(output_dtype)
+
+    @staticmethod
+    def _forward(x, weight_qdata, weight_scale, bias, outlier_channels, outlier_weight, smooth_scale, matmul):
         in_features = x.shape[-1]
         out_features = weight_qdata.shape[0]
         x_2d = x.reshape(-1, in_features).float()
@@ -157,15 +187,15 @@ class QuaffLinearFunction(torch.autograd.Function):
             y = y + x_2d.index_select(1, outlier_channels) @ correction_weight.t()
         if bias is not None:
             y = y + bias.float()
-
-        ctx.save_for_backward(weight_qdata, weight_scale)
-        ctx.matmul = matmul
-        ctx.x_shape = x.shape
-        ctx.x_dtype = x.dtype
-        return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+        return y.reshape(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, grad_output):
+        with torch.autocast(grad_output.device.type, enabled=False):
+            return QuaffLinearFunction._backward(ctx, grad_output)
+
+    @staticmethod
+    def _backward(ctx, grad_output):
         weight_qdata, weight_scale = ctx.saved_tensors
         out_features = weight_qdata.shape[0]
         grad_2d = grad_output.reshape(-1, out_features).float()

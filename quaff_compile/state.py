@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from quaff_compile.config import QuaffInputError
 from quaff_compile.numerics import quantize_weight_per_channel
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,9 @@ class LayerState:
     The first `num_outliers` slots hold the real channels. The others repeat
     one channel outside the set, with a zero `outlier_weight` column and an
     infinite `outlier_weight_absmax`, which pins their `smooth_scale` to 1 and
-    their correction term to 0. The tensors are updated in place, never
-    replaced, because compiled graphs receive them on every call.
+    their correction term to 0. A change replaces a tensor instead of writing
+    into it: a compiled backward (activation checkpointing recomputes the
+    forward from saved inputs) may still hold the old one.
     """
 
     fqn: str
@@ -58,6 +60,12 @@ class LayerState:
     # Stability monitor: per training step, the Jaccard overlap of that step's
     # top outlier channels with the layer's set.
     stability: list[float] = field(default_factory=list)
+    # True after a training forward outside a backward pass, until a recompute
+    # by activation checkpointing (see `QuaffCompiledGraph.moves_state`).
+    awaiting_recompute: bool = False
+    # True where the parameter is stored as [in_features, out_features] (GPT-2's
+    # Conv1D); every method takes the parameter as stored.
+    transposed: bool = False
 
     def __repr__(self) -> str:
         scales = [round(value, 4) for value in self.smooth_scale[: self.num_outliers].tolist()]
@@ -71,13 +79,25 @@ class LayerState:
         """The real outlier channels, without the padding slots."""
         return self.outlier_slots[: self.num_outliers].tolist()
 
+    def linear_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Return the parameter as a linear's [out_features, in_features] weight (a view)."""
+        return weight.t() if self.transposed else weight
+
     @classmethod
-    def from_weight(cls, fqn: str, weight: torch.Tensor, outlier_channels: list[int], slots: int) -> LayerState:
-        """Quantize `weight` once and set up `smooth_scale` = 1 on `outlier_channels`."""
+    def from_weight(
+        cls, fqn: str, weight: torch.Tensor, outlier_channels: list[int], slots: int, transposed: bool = False
+    ) -> LayerState:
+        """Quantize `weight` once and set up `smooth_scale` = 1 on `outlier_channels`.
+
+        `weight` is the parameter as stored; `transposed` says it is
+        [in_features, out_features].
+        """
+        parameter = weight
+        weight = weight.t() if transposed else weight
         in_features = weight.shape[1]
         bad = [channel for channel in outlier_channels if not 0 <= channel < in_features]
         if bad:
-            raise ValueError(
+            raise QuaffInputError(
                 f"{fqn}: outlier channels {bad} are out of range for its {in_features} input channels; "
                 "check that the channels were calibrated on this model"
             )
@@ -95,8 +115,9 @@ class LayerState:
             outlier_weight=torch.zeros(weight.shape[0], slots, dtype=torch.float32, device=device),
             outlier_weight_absmax=torch.full((slots,), math.inf, dtype=torch.float32, device=device),
             smooth_scale=torch.ones(slots, dtype=torch.float32, device=device),
+            transposed=transposed,
         )
-        state.refresh_if_stale(weight)
+        state.refresh_if_stale(parameter)
         return state
 
     def observe(self, weight: torch.Tensor, hits: torch.Tensor, calibration_steps: int) -> bool:
@@ -132,7 +153,9 @@ class LayerState:
             return
         x_absmax = input_absmax.to(self.smooth_scale.device)[self.outlier_slots[:count]]
         start = torch.sqrt(x_absmax / self.outlier_weight_absmax[:count]).clamp_min(1.0)
-        self.smooth_scale[:count] = torch.where(torch.isfinite(start), start, torch.ones_like(start))
+        smooth_scale = self.smooth_scale.clone()
+        smooth_scale[:count] = torch.where(torch.isfinite(start), start, torch.ones_like(start))
+        self.smooth_scale = smooth_scale
 
     def restore(self, weight: torch.Tensor, entry: dict) -> None:
         """Restore what `quaff_compile.state_dict` saved for this layer."""
@@ -149,22 +172,21 @@ class LayerState:
         """Replace the outlier channels and their `smooth_scale` in place, keeping the slot count."""
         slots = self.outlier_slots.numel()
         if len(smooth_scale) != len(outlier_channels):
-            raise ValueError(
+            raise QuaffInputError(
                 f"{self.fqn}: {len(outlier_channels)} outlier channels but {len(smooth_scale)} smooth scales"
             )
         if len(outlier_channels) > slots:
-            raise ValueError(
+            raise QuaffInputError(
                 f"{self.fqn}: {len(outlier_channels)} outlier channels do not fit its {slots} slots; "
                 "compile with a larger outlier_max_ratio"
             )
-        fresh = LayerState.from_weight(self.fqn, weight, outlier_channels, slots)
+        fresh = LayerState.from_weight(self.fqn, weight, outlier_channels, slots, self.transposed)
         order = {channel: value for channel, value in zip(outlier_channels, smooth_scale)}
         fresh.smooth_scale[: fresh.num_outliers] = torch.tensor(
             [order[channel] for channel in fresh.outlier_channels], dtype=torch.float32
         )
-        with torch.no_grad():
-            for name in ("outlier_slots", "outlier_weight", "outlier_weight_absmax", "smooth_scale"):
-                getattr(self, name).copy_(getattr(fresh, name))
+        for name in ("outlier_slots", "outlier_weight", "outlier_weight_absmax", "smooth_scale"):
+            setattr(self, name, getattr(fresh, name))
         self.num_outliers = fresh.num_outliers
 
     def refresh_if_stale(self, weight: torch.Tensor) -> bool:
@@ -183,17 +205,19 @@ class LayerState:
         ):
             return False
         with torch.no_grad():
-            weight = weight.detach()
-            weight_qdata, weight_scale = quantize_weight_per_channel(weight)
-            self.weight_qdata.copy_(weight_qdata)
-            self.weight_scale.copy_(weight_scale)
+            linear_weight = self.linear_weight(weight.detach())
+            weight_qdata, weight_scale = quantize_weight_per_channel(linear_weight)
+            self.weight_qdata = weight_qdata
+            self.weight_scale = weight_scale.float()
             if self.num_outliers:
                 real = self.outlier_slots[: self.num_outliers]
-                columns = weight.index_select(1, real).float()
-                self.outlier_weight[:, : self.num_outliers].copy_(columns)
+                columns = linear_weight.index_select(1, real).float()
+                self.outlier_weight = self.outlier_weight.clone()
+                self.outlier_weight[:, : self.num_outliers] = columns
                 # A zero column would give s_new = inf; it contributes nothing, so
                 # any finite divisor serves.
-                self.outlier_weight_absmax[: self.num_outliers].copy_(columns.abs().amax(dim=0).clamp_min(1e-12))
+                self.outlier_weight_absmax = self.outlier_weight_absmax.clone()
+                self.outlier_weight_absmax[: self.num_outliers] = columns.abs().amax(dim=0).clamp_min(1e-12)
         if self.weight_version != -1:
             log.debug("quantized %s again after its weight changed", self.fqn)
         self.weight_version = weight._version
@@ -249,7 +273,7 @@ def load_state_dict(model: torch.nn.Module, state: dict[str, dict]) -> None:
             weights[normalize_fqn(module_fqn)] = parameter
     unknown = sorted(fqn for fqn in state if normalize_fqn(fqn) not in weights)
     if unknown:
-        raise ValueError(f"the Quaff state names layers that {type(model).__name__} does not have: {unknown[:5]}")
+        raise QuaffInputError(f"the Quaff state names layers that {type(model).__name__} does not have: {unknown[:5]}")
 
     for fqn, entry in state.items():
         weight = weights[normalize_fqn(fqn)]

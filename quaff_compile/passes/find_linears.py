@@ -2,9 +2,12 @@
 
 After Dynamo capture, `nn.Linear`, its subclasses and `F.linear` all appear
 as `call_function` nodes whose target is the builtin `torch._C._nn.linear`
-(which `F.linear` is). Dynamo in torch 2.13 lifts module parameters into
-graph inputs, so a frozen weight is a placeholder whose example input is the
-real `nn.Parameter`. A weight held in a `get_attr` node is handled too.
+(which `F.linear` is). GPT-2's `Conv1D` appears as `torch.addmm(bias, x, W)`
+with W stored as [in_features, out_features], the transpose of a linear's
+weight; such a match has `transposed=True`. Dynamo in torch 2.13 lifts module
+parameters into graph inputs, so a frozen weight is a placeholder whose
+example input is the real `nn.Parameter`. A weight held in a `get_attr` node
+is handled too.
 
 A linear is quantized only where its weight is a frozen parameter whose
 values we hold at compile time, the user's filter lets it through and
@@ -28,6 +31,7 @@ from quaff_compile.numerics import int_mm_refusal
 log = logging.getLogger(__name__)
 
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
+ADDMM_TARGETS = (torch.addmm, torch.ops.aten.addmm.default)
 
 _ROOT_PATTERN = re.compile(r"""^(L|G)\[(['"])(.+?)\2\]""")
 _PART_PATTERN = re.compile(r"""\[(['"])(.+?)\1\]|\.([A-Za-z_]\w*)|\[(\d+)\]""")
@@ -46,10 +50,16 @@ class LinearMatch:
     bias: fx.Node | None
     weight: torch.Tensor | None
     reason: str | None  # None: quantize; else why it stays in float
+    # True where the parameter is stored as [in_features, out_features] (Conv1D).
+    transposed: bool = False
 
     @property
     def quantize(self) -> bool:
         return self.reason is None
+
+    def linear_weight(self, parameter: torch.Tensor) -> torch.Tensor:
+        """Return `parameter` as a linear's [out_features, in_features] weight (a view, no copy)."""
+        return parameter.t() if self.transposed else parameter
 
 
 class ParameterResolver:
@@ -145,6 +155,24 @@ def _linear_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
     return values[0], values[1], bias
 
 
+def _addmm_args(node: fx.Node, example_of) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
+    """Return (input, weight, bias) of `torch.addmm(bias, input, weight)`, or None for other uses of addmm.
+
+    Only the plain form with beta = alpha = 1 and a 1-D bias is a linear.
+    """
+    names = ("input", "mat1", "mat2")
+    values = list(node.args) + [node.kwargs[name] for name in names[len(node.args):] if name in node.kwargs]
+    if len(values) != 3 or node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+        return None
+    bias, mat1, mat2 = values
+    bias_value = example_of(bias) if isinstance(bias, fx.Node) else None
+    if bias_value is None and isinstance(bias, fx.Node):
+        bias_value = bias.meta.get("example_value")
+    if not isinstance(bias_value, torch.Tensor) or bias_value.dim() != 1:
+        return None
+    return mat1, mat2, bias
+
+
 def _refusal(weight: object, module, fqn: str, config: QuaffConfig) -> str | None:
     if not isinstance(weight, torch.Tensor):
         return "the weight is computed inside the graph, not a parameter"
@@ -169,18 +197,32 @@ def find_linears(
 ) -> list[LinearMatch]:
     """Return every linear node of `gm` with the int8-or-float decision on it."""
     placeholders = {node: index for index, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
+
+    def example_of(node: fx.Node) -> object:
+        return _example_of(node, gm, placeholders, example_inputs)
+
     matches = []
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in LINEAR_TARGETS:
+        if node.op != "call_function":
             continue
-        input_node, weight_node, bias_node = _linear_args(node)
-        weight = _example_of(weight_node, gm, placeholders, example_inputs) if isinstance(weight_node, fx.Node) else None
+        if node.target in LINEAR_TARGETS:
+            input_node, weight_node, bias_node = _linear_args(node)
+            transposed = False
+        elif node.target in ADDMM_TARGETS and (addmm := _addmm_args(node, example_of)) is not None:
+            input_node, weight_node, bias_node = addmm
+            transposed = True
+        else:
+            continue
+        weight = example_of(weight_node) if isinstance(weight_node, fx.Node) else None
 
         if isinstance(weight, torch.Tensor):
             fqn, module = resolver.resolve(_source_name(weight_node), weight)
         else:
             fqn, module = node.name, None
-        reason = _refusal(weight, module, fqn, config)
+        if transposed and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            reason = _refusal(weight.t(), module, fqn, config)
+        else:
+            reason = _refusal(weight, module, fqn, config)
         if reason is not None:
             log.debug("linear %s (%s) stays in float: %s", node.name, fqn, reason)
 
@@ -194,6 +236,7 @@ def find_linears(
                 bias=bias_node,
                 weight=weight if isinstance(weight, torch.Tensor) else None,
                 reason=reason,
+                transposed=transposed,
             )
         )
     return matches

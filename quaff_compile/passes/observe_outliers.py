@@ -24,6 +24,8 @@ import math
 import torch
 import torch.fx as fx
 
+from quaff_compile.passes.find_linears import ADDMM_TARGETS
+
 log = logging.getLogger(__name__)
 
 
@@ -55,7 +57,10 @@ class _OutlierObserver(fx.Interpreter):
     def run_node(self, node: fx.Node):
         if node.name in self.watched:
             args, kwargs = self.fetch_args_kwargs_from_env(node)
-            x = args[0] if args else kwargs["input"]
+            if node.target in ADDMM_TARGETS:  # addmm(bias, x, weight)
+                x = args[1] if len(args) > 1 else kwargs["mat1"]
+            else:
+                x = args[0] if args else kwargs["input"]
             self.channels[node.name] = select_outlier_channels(x, self.threshold, self.max_ratio)
             self.input_absmax[node.name] = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
         return super().run_node(node)
