@@ -73,7 +73,7 @@ class QuaffCompiledGraph:
         placeholders = {node.name: index for index, node in enumerate(original_gm.graph.find_nodes(op="placeholder"))}
         self._weight_sources = []
         for linear in rewrite.linears:
-            weight_node = linear.match.weight_node
+            weight_node = linear.match.source_weight_node
             if weight_node.op == "placeholder":
                 self._weight_sources.append(placeholders[weight_node.name])
             else:
@@ -140,7 +140,7 @@ class QuaffCompiledGraph:
         observed = observe_outlier_channels(
             self.original_gm,
             args,
-            [self.rewrite.linears[index].match.node.name for index in to_observe],
+            [self.rewrite.linears[index].match.key for index in to_observe],
             threshold=self.config.outlier_threshold,
             max_ratio=self.config.outlier_max_ratio,
             input_absmax=input_absmax,
@@ -160,7 +160,7 @@ class QuaffCompiledGraph:
                     log.debug("%s has no entry in outlier_channels; it gets no outlier channels", fqn)
                     channels = []
             else:
-                channels = observed.get(linear.match.node.name, [])
+                channels = observed.get(linear.match.key, [])
 
             in_features = linear.match.linear_weight(weight).shape[1]
             slots = outlier_slots(in_features, self.config.outlier_max_ratio) if linear.smoothed else 0
@@ -168,8 +168,8 @@ class QuaffCompiledGraph:
             state.channels_fixed = supplied is not None
             if preset is not None:
                 state.restore(weight, preset)
-            elif linear.match.node.name in input_absmax:
-                state.start_smooth_scale(input_absmax[linear.match.node.name])
+            elif linear.match.key in input_absmax:
+                state.start_smooth_scale(input_absmax[linear.match.key])
             set_layer_state(weight, state)
             log.debug("%s: outlier channels %s", fqn, state.outlier_channels)
 
@@ -223,11 +223,17 @@ class QuaffCompiledGraph:
 _EMULATION_LOGGED = False  # the emulation notice is logged once per process
 
 
-def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """Copy a graph module and, recursively, the subgraph modules it holds (checkpoint bodies)."""
     graph = fx.Graph()
     output = graph.graph_copy(gm.graph, {})
     graph.output(output)
-    return fx.GraphModule(gm, graph)
+    copy = fx.GraphModule(gm, graph)
+    for node in graph.find_nodes(op="get_attr"):
+        value = getattr(copy, node.target, None)
+        if isinstance(value, fx.GraphModule) and "." not in node.target:
+            setattr(copy, node.target, copy_graph_module(value))
+    return copy
 
 
 def _resolve_matmul(config: QuaffConfig, device: torch.device) -> str:
@@ -318,7 +324,7 @@ def quaff_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
 def _compile_quantized(gm: fx.GraphModule, example_inputs, config: QuaffConfig, config_patches: dict):
     from torch._inductor.compile_fx import compile_fx
 
-    gm = _copy_graph_module(gm)
+    gm = copy_graph_module(gm)
     resolver = ParameterResolver()
     matches = find_linears(gm, example_inputs, config, resolver)
     chosen = [match for match in matches if match.quantize]
@@ -328,7 +334,7 @@ def _compile_quantized(gm: fx.GraphModule, example_inputs, config: QuaffConfig, 
 
     device = chosen[0].weight.device
     matmul = _resolve_matmul(config, device)
-    original_gm = _copy_graph_module(gm)
+    original_gm = copy_graph_module(gm)
     smoothed = [
         outlier_slots(match.linear_weight(match.weight).shape[1], config.outlier_max_ratio) > 0 for match in chosen
     ]

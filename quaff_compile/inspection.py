@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
+from quaff_compile.backend import copy_graph_module
 from quaff_compile.config import QuaffConfig
 from quaff_compile.passes.find_linears import ParameterResolver, find_linears
 from quaff_compile.passes.observe_outliers import observe_outlier_channels
@@ -110,21 +111,16 @@ class ExplainReport:
         return folder
 
 
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    return fx.GraphModule(gm, graph)
-
 
 def _explain_graph(gm: fx.GraphModule, example_inputs, config: QuaffConfig) -> GraphReport:
-    gm = _copy(gm)
+    gm = copy_graph_module(gm)
     code_before = gm.code
     matches = find_linears(gm, example_inputs, config, ParameterResolver())
     chosen = [match for match in matches if match.quantize]
 
     new = [match for match in chosen if get_layer_state(match.weight) is None]
     observed = observe_outlier_channels(
-        gm, example_inputs, [match.node.name for match in new], config.outlier_threshold, config.outlier_max_ratio
+        gm, example_inputs, [match.key for match in new], config.outlier_threshold, config.outlier_max_ratio
     )
     linears = []
     for match in matches:
@@ -132,7 +128,7 @@ def _explain_graph(gm: fx.GraphModule, example_inputs, config: QuaffConfig) -> G
         outliers = 0
         if match.quantize:
             state = get_layer_state(match.weight)
-            outliers = state.num_outliers if state is not None else len(observed.get(match.node.name, []))
+            outliers = state.num_outliers if state is not None else len(observed.get(match.key, []))
         linears.append(
             LinearReport(
                 fqn=match.fqn,

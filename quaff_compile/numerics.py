@@ -24,6 +24,8 @@ and the dequantization, correction and bias one more kernel.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 QUANT_MIN = -127
@@ -136,10 +138,14 @@ def updated_smooth_scale(
     `s_new = max(1, sqrt(max over tokens |x_O| / max over outputs |W_O|))`, and
     the result is `momentum * s_new + (1 - momentum) * smooth_scale`. A channel
     whose `s_new` is not finite (a NaN or inf in x) keeps its old value, so one
-    bad batch cannot poison the running state.
+    bad batch cannot poison the running state; an empty batch keeps it too.
     """
     x = x.detach().reshape(-1, x.shape[-1]).float()
-    x_absmax = x.index_select(1, outlier_channels).abs().amax(dim=0)
+    x_outliers = x.index_select(1, outlier_channels).abs()
+    # A row of -inf changes no maximum, and gives an empty batch -inf, which
+    # the finiteness check below turns into "keep the old value".
+    floor = torch.full((1, x_outliers.shape[1]), -math.inf, device=x.device)
+    x_absmax = torch.cat([x_outliers, floor]).amax(dim=0)
     s_new = torch.sqrt(x_absmax / outlier_weight_absmax).clamp_min(1.0)
     s_new = torch.where(torch.isfinite(s_new), s_new, smooth_scale)
     return momentum * s_new + (1.0 - momentum) * smooth_scale

@@ -13,6 +13,10 @@ from quaff_compile import backend, layer_states
 from quaff_compile.numerics import MAX_INNER, int_mm_refusal, quaff_linear, quantize_weight_per_channel
 from tests.conftest import TINY_OPTIONS, tiny_llama, tiny_peft_llama
 
+# A fallback to float would hide a failure of the int8 path behind a passing
+# comparison with float; the tests of the fallback itself record it instead.
+pytestmark = pytest.mark.filterwarnings("error:quaff. the int8 pass failed:RuntimeWarning")
+
 INPUTS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
@@ -190,3 +194,212 @@ def test_checkpoint_recompute_does_not_move_momentum_twice(use_reentrant):
     states = layer_states(model)
     assert states, "the MLP's linears should be int8"
     assert {state.updates for state in states.values() if state.num_outliers} == {1}
+
+
+def _train_with_checkpointing(checkpointing: str | None, how: str, steps: int = 3):
+    """Train a tiny LoRA Llama, compiled whole or per decoder layer, with or without HF gradient checkpointing."""
+    from peft import LoraConfig, get_peft_model
+
+    from quaff_compile.finetune import compile_model
+
+    torch._dynamo.reset()
+    model = tiny_llama()
+    model.config.use_cache = False
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    compiled = compile_model(model, "quaff", TINY_OPTIONS, how)
+    optimizer = torch.optim.AdamW([parameter for parameter in model.parameters() if parameter.requires_grad], lr=1e-2)
+    losses = []
+    # transformers sets a context variable inside each checkpointed layer; without
+    # this Dynamo flag it runs those layers eagerly, in float, for any backend.
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        for _ in range(steps):
+            loss = compiled(input_ids=INPUTS, labels=INPUTS).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+    return losses, layer_states(model)
+
+
+@pytest.mark.parametrize("how", ["full", "regional"])
+@pytest.mark.parametrize("checkpointing", ["reentrant", "non_reentrant"])
+def test_gradient_checkpointing_matches_a_run_without_it(checkpointing, how):
+    expected_losses, expected_states = _train_with_checkpointing(None, how)
+    losses, states = _train_with_checkpointing(checkpointing, how)
+    # The linears inside Dynamo's checkpoint region are int8 too.
+    assert len(states) == len(expected_states) == 14
+    # Each training step moves each layer's state exactly once.
+    assert {state.updates for state in states.values() if state.num_outliers} == {3}
+    torch.testing.assert_close(losses, expected_losses, rtol=1e-5, atol=0.0)
+
+
+def _smoothed_layer(seed: int = 0):
+    """A frozen 128-to-64 linear with outlier slots under TINY_OPTIONS, and an input with outliers on channel 5."""
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(128, 64).requires_grad_(False)
+    gain = torch.ones(128)
+    gain[5] = 500.0
+    return layer, gain
+
+
+@pytest.mark.parametrize("rows", [0, 1, 16, 17])
+@pytest.mark.parametrize("training", [False, True])
+def test_row_counts(rows, training):
+    layer, gain = _smoothed_layer()
+    compiled = torch.compile(layer, backend="quaff", options=TINY_OPTIONS)
+    compiled(torch.randn(32, 128) * gain)  # the first batch chooses the outlier channels
+    x = (torch.randn(rows, 128) * gain).requires_grad_(training)
+    output = compiled(x) if training else compiled(x.detach())
+    assert output.shape == (rows, 64)
+    torch.testing.assert_close(output, layer(x), rtol=0.02, atol=0.02 * max(1.0, layer(x).abs().max().item() if rows else 1.0))
+    if training:
+        output.sum().backward()
+        assert x.grad.shape == x.shape and torch.isfinite(x.grad).all()
+    state = layer_states(layer)[""]
+    assert state.num_outliers >= 1 and torch.isfinite(state.smooth_scale).all()
+
+
+@pytest.mark.parametrize(
+    "in_features, out_features", [(0, 16), (64, 0), (60, 32), (64, 36), (12, 16)]
+)
+def test_sizes_int8_cannot_take_stay_in_float(in_features, out_features):
+    layer = torch.nn.Linear(in_features, out_features).requires_grad_(False)
+    x = torch.randn(3, 5, in_features)
+    output = torch.compile(layer, backend="quaff")(x)
+    assert layer_states(layer) == {}
+    torch.testing.assert_close(output, layer(x))
+
+
+def test_input_layouts():
+    """2-D, 3-D, transposed (non-contiguous) and expanded (stride-0) inputs give the same rows."""
+    layer, gain = _smoothed_layer()
+    compiled = torch.compile(layer, backend="quaff", options=TINY_OPTIONS)
+    base = torch.randn(6, 128) * gain
+    compiled(base)  # chooses the outlier channels
+    with torch.no_grad():  # no_grad keeps the momentum state still between calls
+        check_layouts(compiled, base)
+
+
+def check_layouts(compiled, base):
+    expected = compiled(base)
+    torch.testing.assert_close(compiled(base.reshape(2, 3, 128)), expected.reshape(2, 3, 64))
+    transposed = base.t().contiguous().t()
+    assert not transposed.is_contiguous()
+    torch.testing.assert_close(compiled(transposed), expected)
+    expanded = base[:1].expand(6, 128)
+    assert expanded.stride(0) == 0
+    torch.testing.assert_close(compiled(expanded), expected[:1].expand(6, 64))
+
+
+def test_varying_lengths_do_not_recompile_per_shape(caplog):
+    model = tiny_peft_llama()
+    model.eval()
+    compiled = torch.compile(model, backend="quaff", options=TINY_OPTIONS)
+    with caplog.at_level(logging.INFO, logger="quaff_compile.backend"), torch.no_grad():
+        for length in (1, 2, 3, 17, 64, 130, 256, 512):
+            for batch in (1, 3):
+                inputs = torch.randint(0, 256, (batch, length))
+                logits = compiled(input_ids=inputs).logits
+                assert logits.shape == (batch, length, 256)
+    compiles = sum("quaff: rewrote" in record.getMessage() for record in caplog.records)
+    assert 1 <= compiles <= 3, compiles
+
+
+def test_nan_and_inf_rows_leave_other_rows_alone():
+    layer, gain = _smoothed_layer()
+    compiled = torch.compile(layer, backend="quaff", options=TINY_OPTIONS)
+    clean = torch.randn(8, 128) * gain
+    compiled(clean)
+    with torch.no_grad():
+        expected = compiled(clean)
+        for bad in (float("nan"), float("inf")):
+            x = clean.clone()
+            x[2, 7] = bad
+            output = compiled(x)
+            keep = [row for row in range(8) if row != 2]
+            torch.testing.assert_close(output[keep], expected[keep], rtol=0.0, atol=0.0)
+            assert not torch.isfinite(output[2]).all()
+            assert not torch.isfinite(layer(x)[2]).all()  # as in float
+
+
+def test_nan_in_a_training_batch_does_not_poison_the_momentum_state():
+    layer, gain = _smoothed_layer()
+    compiled = torch.compile(layer, backend="quaff", options=TINY_OPTIONS)
+    x = (torch.randn(8, 128) * gain).requires_grad_(True)
+    compiled(x).sum().backward()
+    before = layer_states(layer)[""].smooth_scale.clone()
+    bad = (torch.randn(8, 128) * gain).detach()
+    bad[3, 5] = float("nan")  # on the outlier channel itself
+    compiled(bad.requires_grad_(True)).sum().backward()
+    state = layer_states(layer)[""]
+    assert torch.isfinite(state.smooth_scale).all()
+    torch.testing.assert_close(state.smooth_scale, before)
+
+
+def test_very_large_values():
+    layer, gain = _smoothed_layer()
+    compiled = torch.compile(layer, backend="quaff", options=TINY_OPTIONS)
+    x = torch.randn(8, 128) * gain * 1e20
+    output = compiled(x)
+    reference = layer(x)
+    assert torch.isfinite(output).all()
+    torch.testing.assert_close(output, reference, rtol=0.02, atol=0.02 * reference.abs().max().item())
+
+
+def _train_one_step(compiled, model):
+    optimizer = torch.optim.SGD([parameter for parameter in model.parameters() if parameter.requires_grad], lr=1.0)
+    compiled(input_ids=INPUTS, labels=INPUTS).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_switching_modes_and_disabling_the_adapter():
+    model = tiny_peft_llama()
+    compiled = torch.compile(model, backend="quaff", options=TINY_OPTIONS)
+    _train_one_step(compiled, model)  # moves LoRA's B away from zero
+
+    model.eval()
+    with torch.inference_mode():
+        inference = compiled(input_ids=INPUTS).logits
+    with torch.no_grad():
+        evaluated = compiled(input_ids=INPUTS).logits
+        with model.disable_adapter():
+            disabled = compiled(input_ids=INPUTS).logits
+            disabled_eager = model(input_ids=INPUTS).logits
+        eager = model(input_ids=INPUTS).logits
+    scale = eager.abs().max().item()
+    torch.testing.assert_close(inference, evaluated, rtol=0.0, atol=0.0)
+    torch.testing.assert_close(evaluated, eager, rtol=0.05, atol=0.05 * scale)
+    torch.testing.assert_close(disabled, disabled_eager, rtol=0.05, atol=0.05 * scale)
+    assert (disabled - evaluated).abs().max() > 0.1 * scale  # the adapter really was off
+
+    model.train()
+    _train_one_step(compiled, model)
+    states = layer_states(model)
+    assert {state.updates for state in states.values() if state.num_outliers} == {2}
+
+
+def test_generate_through_the_compiled_model():
+    model = tiny_peft_llama()
+    model.get_base_model().config.use_cache = True
+    model.eval()
+    # generate() calls the transformers model inside PEFT's wrapper, so compile that one in place.
+    model.get_base_model().compile(backend="quaff", options=TINY_OPTIONS)
+    prompt = INPUTS[:, :8]
+    torch._dynamo.utils.counters.clear()
+    generated = model.generate(
+        input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+        output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+    )
+    assert generated.sequences.shape == (2, 20)
+    states = layer_states(model)
+    assert len(states) == 14 and {state.updates for state in states.values()} == {0}
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4
+    # The first step's scores are the prompt's last logits, which eager computes in float.
+    first = generated.scores[0]
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        eager = model(input_ids=prompt).logits[:, -1]
+    torch.testing.assert_close(first, eager, rtol=0.05, atol=0.05 * eager.abs().max().item())

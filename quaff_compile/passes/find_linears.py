@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
 ADDMM_TARGETS = (torch.addmm, torch.ops.aten.addmm.default)
+CHECKPOINT_TARGET = torch.ops.higher_order.tag_activation_checkpoint
 
 _ROOT_PATTERN = re.compile(r"""^(L|G)\[(['"])(.+?)\2\]""")
 _PART_PATTERN = re.compile(r"""\[(['"])(.+?)\1\]|\.([A-Za-z_]\w*)|\[(\d+)\]""")
@@ -52,6 +53,22 @@ class LinearMatch:
     reason: str | None  # None: quantize; else why it stays in float
     # True where the parameter is stored as [in_features, out_features] (Conv1D).
     transposed: bool = False
+    # For a linear inside an activation-checkpoint body: the checkpoint call in
+    # the outer graph, and the outer graph's node that feeds the weight.
+    checkpoint: fx.Node | None = None
+    outer_weight_node: fx.Node | None = None
+
+    @property
+    def key(self) -> str:
+        """A name for the linear node, unique in the outer graph and its checkpoint bodies."""
+        if self.checkpoint is None:
+            return self.node.name
+        return f"{self.checkpoint.args[0].target}/{self.node.name}"
+
+    @property
+    def source_weight_node(self) -> fx.Node:
+        """The outer graph's node of the weight (a placeholder or get_attr)."""
+        return self.outer_weight_node if self.outer_weight_node is not None else self.weight_node
 
     @property
     def quantize(self) -> bool:
@@ -189,13 +206,29 @@ def _refusal(weight: object, module, fqn: str, config: QuaffConfig) -> str | Non
     return int_mm_refusal(in_features=weight.shape[1], out_features=weight.shape[0])
 
 
+def checkpoint_body(node: fx.Node, gm: fx.GraphModule) -> fx.GraphModule | None:
+    """Return the body of an activation-checkpoint call node, or None for any other node."""
+    if node.op != "call_function" or node.target is not CHECKPOINT_TARGET:
+        return None
+    body_node = node.args[0] if node.args else None
+    if not isinstance(body_node, fx.Node) or body_node.op != "get_attr":
+        return None
+    body = getattr(gm, body_node.target, None)
+    return body if isinstance(body, fx.GraphModule) else None
+
+
 def find_linears(
     gm: fx.GraphModule,
     example_inputs,
     config: QuaffConfig,
     resolver: ParameterResolver,
 ) -> list[LinearMatch]:
-    """Return every linear node of `gm` with the int8-or-float decision on it."""
+    """Return every linear node of `gm` with the int8-or-float decision on it.
+
+    Linears inside an activation-checkpoint body (Dynamo's
+    `tag_activation_checkpoint` call) are found too; their weights are
+    followed out to the outer graph's inputs.
+    """
     placeholders = {node: index for index, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
 
     def example_of(node: fx.Node) -> object:
@@ -203,6 +236,10 @@ def find_linears(
 
     matches = []
     for node in gm.graph.nodes:
+        body = checkpoint_body(node, gm)
+        if body is not None:
+            matches += _find_in_checkpoint(node, body, gm, example_of, config, resolver)
+            continue
         if node.op != "call_function":
             continue
         if node.target in LINEAR_TARGETS:
@@ -240,3 +277,38 @@ def find_linears(
             )
         )
     return matches
+
+
+def _find_in_checkpoint(call: fx.Node, body: fx.GraphModule, gm: fx.GraphModule, example_of, config, resolver):
+    """Return the linears of one checkpoint body, with weights resolved through the call's arguments."""
+    body_placeholders = list(body.graph.find_nodes(op="placeholder"))
+    outer = dict(zip(body_placeholders, call.args[1:]))
+    shared = [
+        other for other in gm.graph.nodes
+        if other is not call and checkpoint_body(other, gm) is body
+    ]
+    nested = any(checkpoint_body(inner, body) is not None for inner in body.graph.nodes)
+
+    def outer_example(node: fx.Node) -> object:
+        outer_node = outer.get(node)
+        return example_of(outer_node) if isinstance(outer_node, fx.Node) else None
+
+    matches = find_linears(body, [outer_example(node) for node in body_placeholders], config, _OuterResolver(resolver, outer))
+    for match in matches:
+        match.checkpoint = call
+        match.outer_weight_node = outer.get(match.weight_node)
+        if match.quantize and (shared or nested):
+            match.reason = "the checkpoint body is shared or nested, which the rewrite does not follow"
+            log.debug("linear %s (%s) stays in float: %s", match.node.name, match.fqn, match.reason)
+    return matches
+
+
+class _OuterResolver:
+    """Resolve a checkpoint body's weight placeholders by the outer graph's nodes feeding them."""
+
+    def __init__(self, resolver: ParameterResolver, outer: dict):
+        self.resolver = resolver
+        self.outer_names = {node.name: _source_name(outer_node) for node, outer_node in outer.items() if isinstance(outer_node, fx.Node)}
+
+    def resolve(self, source_name: str, parameter: torch.Tensor):
+        return self.resolver.resolve(self.outer_names.get(source_name, source_name), parameter)

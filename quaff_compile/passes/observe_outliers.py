@@ -24,7 +24,7 @@ import math
 import torch
 import torch.fx as fx
 
-from quaff_compile.passes.find_linears import ADDMM_TARGETS
+from quaff_compile.passes.find_linears import ADDMM_TARGETS, checkpoint_body
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,9 @@ def select_outlier_channels(x: torch.Tensor, threshold: float, max_ratio: float)
 
 
 class _OutlierObserver(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, watched: set[str], threshold: float, max_ratio: float):
+    def __init__(self, gm: fx.GraphModule, watched: set[str], threshold: float, max_ratio: float, prefix: str = ""):
         super().__init__(gm, garbage_collect_values=True)
+        self.prefix = prefix  # how the keys of this graph's linears start (see LinearMatch.key)
         self.watched = watched
         self.threshold = threshold
         self.max_ratio = max_ratio
@@ -55,14 +56,25 @@ class _OutlierObserver(fx.Interpreter):
         self.input_absmax: dict[str, torch.Tensor] = {}
 
     def run_node(self, node: fx.Node):
-        if node.name in self.watched:
+        body = checkpoint_body(node, self.module)
+        if body is not None:
+            # Run the body in place of the checkpoint call, watching its linears too.
+            args, _ = self.fetch_args_kwargs_from_env(node)
+            prefix = f"{self.prefix}{node.args[0].target}/"
+            inner = _OutlierObserver(body, self.watched, self.threshold, self.max_ratio, prefix)
+            result = inner.run(*args[1:])
+            self.channels.update(inner.channels)
+            self.input_absmax.update(inner.input_absmax)
+            return result
+        key = self.prefix + node.name
+        if key in self.watched:
             args, kwargs = self.fetch_args_kwargs_from_env(node)
             if node.target in ADDMM_TARGETS:  # addmm(bias, x, weight)
                 x = args[1] if len(args) > 1 else kwargs["mat1"]
             else:
                 x = args[0] if args else kwargs["input"]
-            self.channels[node.name] = select_outlier_channels(x, self.threshold, self.max_ratio)
-            self.input_absmax[node.name] = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+            self.channels[key] = select_outlier_channels(x, self.threshold, self.max_ratio)
+            self.input_absmax[key] = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
         return super().run_node(node)
 
 
@@ -74,7 +86,10 @@ def observe_outlier_channels(
     max_ratio: float,
     input_absmax: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, list[int]]:
-    """Run `gm` on `example_inputs` and return the outlier channels of the named linear nodes.
+    """Run `gm` on `example_inputs` and return the outlier channels of the linears with these keys.
+
+    Keys are `LinearMatch.key`: the node name, prefixed by the checkpoint body
+    for a linear inside one.
 
     When `input_absmax` is given, it receives each linear's max |x| per input
     channel. Returns an empty mapping, after a warning, when the graph cannot run

@@ -68,6 +68,55 @@ def _add_placeholder(graph: fx.Graph, after: fx.Node | None, name: str) -> fx.No
         return graph.placeholder(name)
 
 
+class _CheckpointThreads:
+    """Thread outer-graph values into activation-checkpoint bodies, and body values back out.
+
+    A linear inside a checkpoint body needs the layer tensors, which are
+    placeholders of the outer graph: each becomes a new body placeholder and
+    a new argument of the checkpoint call. Its extra outputs go the other
+    way: appended to the body's output tuple and read in the outer graph with
+    `getitem` on the call.
+    """
+
+    def __init__(self):
+        self._inputs: dict[tuple[fx.Node, fx.Node], fx.Node] = {}
+        self.bodies: dict[fx.Node, fx.GraphModule] = {}
+
+    def _body(self, call: fx.Node) -> fx.GraphModule:
+        if call not in self.bodies:
+            self.bodies[call] = getattr(call.graph.owning_module, call.args[0].target)
+        return self.bodies[call]
+
+    def into(self, call: fx.Node | None, outer_node: fx.Node) -> fx.Node:
+        if call is None:
+            return outer_node
+        key = (call, outer_node)
+        if key not in self._inputs:
+            graph = self._body(call).graph
+            last = None
+            for node in graph.find_nodes(op="placeholder"):
+                last = node
+            self._inputs[key] = _add_placeholder(graph, last, outer_node.name)
+            call.args = (*call.args, outer_node)
+        return self._inputs[key]
+
+    def out_of(self, call: fx.Node | None, body_node: fx.Node) -> fx.Node:
+        if call is None:
+            return body_node
+        output_node = self._body(call).graph.find_nodes(op="output")[0]
+        outputs = output_node.args[0]
+        if not isinstance(outputs, (tuple, list)):
+            raise RuntimeError(f"the checkpoint body of {call.name} returns {type(outputs).__name__}, not a tuple")
+        output_node.args = (type(outputs)([*outputs, body_node]),)
+        with call.graph.inserting_after(call):
+            return call.graph.call_function(operator.getitem, (call, len(outputs)))
+
+    def finish(self) -> None:
+        for body in self.bodies.values():
+            body.graph.lint()
+            body.recompile()
+
+
 def rewrite_linears(
     gm: fx.GraphModule,
     matches: list[tuple[LinearMatch, bool]],
@@ -75,7 +124,11 @@ def rewrite_linears(
     matmul: str,
     threshold: float = 100.0,
 ) -> RewriteResult:
-    """Rewrite `gm` in place; `matches` pairs each linear to quantize with whether it has outlier slots."""
+    """Rewrite `gm` in place; `matches` pairs each linear to quantize with whether it has outlier slots.
+
+    A linear inside an activation-checkpoint body is rewritten in the body,
+    with its inputs and extra outputs threaded through the checkpoint call.
+    """
     graph = gm.graph
     result = RewriteResult()
     if not matches:
@@ -104,13 +157,15 @@ def rewrite_linears(
         update_flag = add_input(UPDATE_FLAG_NAME)
         result.has_update_flag = True
 
-    # 2. Replace each linear by the int8 linear.
+    # 2. Replace each linear by the int8 linear, in whichever graph holds it.
+    threads = _CheckpointThreads()
     smooth_scale_outputs, hits_outputs = [], []
-    for (match, smoothed), inputs in zip(matches, layer_inputs):
+    for (match, smoothed), outer_inputs in zip(matches, layer_inputs):
         node = match.node
-        with graph.inserting_before(node):
+        inputs = {name: threads.into(match.checkpoint, value) for name, value in outer_inputs.items()}
+        with node.graph.inserting_before(node):
             if smoothed:
-                call = graph.call_function(
+                call = node.graph.call_function(
                     numerics.smoothed_quaff_linear,
                     (
                         match.input,
@@ -121,23 +176,27 @@ def rewrite_linears(
                         inputs["outlier_weight"],
                         inputs["outlier_weight_absmax"],
                         inputs["smooth_scale"],
-                        update_flag,
+                        threads.into(match.checkpoint, update_flag),
                         momentum,
                         matmul,
                         threshold,
                     ),
                 )
-                output = graph.call_function(operator.getitem, (call, 0))
-                smooth_scale_outputs.append(graph.call_function(operator.getitem, (call, 1)))
-                hits_outputs.append(graph.call_function(operator.getitem, (call, 2)))
+                output = node.graph.call_function(operator.getitem, (call, 0))
+                used = node.graph.call_function(operator.getitem, (call, 1))
+                hits = node.graph.call_function(operator.getitem, (call, 2))
             else:
-                output = graph.call_function(
+                output = node.graph.call_function(
                     numerics.quaff_linear,
                     (match.input, inputs["weight_qdata"], inputs["weight_scale"], match.bias, matmul),
                 )
         output.meta.update({key: value for key, value in node.meta.items() if key in ("nn_module_stack", "stack_trace")})
         node.replace_all_uses_with(output)
-        graph.erase_node(node)
+        node.graph.erase_node(node)
+        if smoothed:
+            smooth_scale_outputs.append(threads.out_of(match.checkpoint, used))
+            hits_outputs.append(threads.out_of(match.checkpoint, hits))
+    threads.finish()
 
     # 3. Return the smooth scales used, then the outlier hits, after the graph's own outputs.
     smooth_scale_outputs += hits_outputs
