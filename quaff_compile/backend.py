@@ -90,10 +90,10 @@ class QuaffCompiledGraph:
         """Decide whether this call moves the momentum state, and note it for a later recompute.
 
         Activation checkpointing runs a forward again inside the backward pass.
-        Non-reentrant checkpointing already moved the state in the first
-        forward, so the recompute must not; reentrant checkpointing ran the
-        first forward under `no_grad`, so the recompute is the one training
-        forward and moves it.
+        Non-reentrant checkpointing moved the state in the first forward, so
+        its recompute must not move it again. Reentrant checkpointing ran the
+        first forward under `no_grad`. Its recompute is then the only training
+        forward, and it moves the state.
         """
         if not self.is_training():
             if not torch.is_grad_enabled():
@@ -224,7 +224,7 @@ _EMULATION_LOGGED = False  # the emulation notice is logged once per process
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """Copy a graph module and, recursively, the subgraph modules it holds (checkpoint bodies)."""
+    """Copy a graph module together with its subgraph modules (checkpoint bodies), recursively."""
     graph = fx.Graph()
     output = graph.graph_copy(gm.graph, {})
     graph.output(output)

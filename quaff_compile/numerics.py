@@ -156,9 +156,9 @@ class QuaffLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight_qdata, weight_scale, bias, outlier_channels, outlier_weight, smooth_scale, matmul):
-        # Under autocast, eager linear returns the autocast dtype; the int8
-        # arithmetic itself must stay out of autocast, which would run the fp32
-        # emulation and the correction term in half precision.
+        # Under autocast, eager linear returns the autocast dtype, so this does
+        # too. The arithmetic runs with autocast off: autocast would compute the
+        # fp32 emulation and the correction term in half precision.
         device_type = x.device.type
         output_dtype = x.dtype
         if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):

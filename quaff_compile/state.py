@@ -89,7 +89,7 @@ class LayerState:
     ) -> LayerState:
         """Quantize `weight` once and set up `smooth_scale` = 1 on `outlier_channels`.
 
-        `weight` is the parameter as stored; `transposed` says it is
+        `weight` is the parameter as stored; `transposed` is True where it is
         [in_features, out_features].
         """
         parameter = weight

@@ -157,7 +157,7 @@ def rewrite_linears(
         update_flag = add_input(UPDATE_FLAG_NAME)
         result.has_update_flag = True
 
-    # 2. Replace each linear by the int8 linear, in whichever graph holds it.
+    # 2. Replace each linear by the int8 linear, in the graph or checkpoint body it is in.
     threads = _CheckpointThreads()
     smooth_scale_outputs, hits_outputs = [], []
     for (match, smoothed), outer_inputs in zip(matches, layer_inputs):
