@@ -24,6 +24,7 @@ and the dequantization, correction and bias one more kernel.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -264,3 +265,56 @@ def smoothed_quaff_linear(
         x, weight_qdata, weight_scale, bias, outlier_channels, outlier_weight, used, matmul
     )
     return y, used, outlier_hits(x, threshold)
+
+
+def run_mha_forward(args, kwargs, out_projection):
+    """Run `F.multi_head_attention_forward(*args, **kwargs)` with its output projection replaced.
+
+    `out_projection(x, weight, bias)` is called in place of the
+    `linear(x, out_proj_weight, out_proj_bias)` inside; every other linear
+    stays the builtin. This runs a copy of the function whose global `linear`
+    is swapped, so nothing in torch is patched. The graph rewrite calls it
+    only while AOTAutograd traces the graph, never per step.
+    """
+    import types
+
+    function = torch.nn.functional.multi_head_attention_forward
+    bound = inspect.signature(function).bind(*args, **kwargs)
+    out_weight = bound.arguments["out_proj_weight"]
+    calls = []
+
+    def linear(x, weight, bias=None):
+        if weight is out_weight:
+            calls.append(weight)
+            return out_projection(x, weight, bias)
+        return torch._C._nn.linear(x, weight, bias)
+
+    scope = dict(function.__globals__, linear=linear, has_torch_function=lambda *_: False)
+    copy = types.FunctionType(function.__code__, scope, function.__name__, function.__defaults__)
+    result = copy(*args, **kwargs)
+    if len(calls) != 1:
+        raise RuntimeError(
+            f"multi_head_attention_forward called its output projection {len(calls)} times, not once"
+        )
+    return result
+
+
+def quaff_mha_forward(args, kwargs, layer, update, momentum: float, matmul: str, threshold: float):
+    """`F.multi_head_attention_forward` with its output projection as the int8 linear.
+
+    `layer` is `(weight_qdata, weight_scale)`, or for a layer with outlier
+    slots `(weight_qdata, weight_scale, outlier_slots, outlier_weight,
+    outlier_weight_absmax, smooth_scale)`. Returns the attention output and
+    weights, then for a smoothed layer the `smooth_scale` used and the hits.
+    """
+    extra = []
+
+    def out_projection(x, weight, bias):
+        if len(layer) == 2:
+            return quaff_linear(x, layer[0], layer[1], bias, matmul)
+        y, used, hits = smoothed_quaff_linear(x, *layer[:2], bias, *layer[2:], update, momentum, matmul, threshold)
+        extra.extend([used, hits])
+        return y
+
+    output, weights = run_mha_forward(args, kwargs, out_projection)
+    return (output, weights, *extra)

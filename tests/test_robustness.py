@@ -403,3 +403,47 @@ def test_generate_through_the_compiled_model():
     with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         eager = model(input_ids=prompt).logits[:, -1]
     torch.testing.assert_close(first, eager, rtol=0.05, atol=0.05 * eager.abs().max().item())
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_multihead_attention_output_projection_goes_int8(need_weights):
+    torch.manual_seed(0)
+    attention = torch.nn.MultiheadAttention(64, 4, batch_first=True).requires_grad_(False)
+    gain = torch.ones(64)
+    gain[9] = 300.0
+    with torch.no_grad():
+        attention.in_proj_weight[128:] *= gain.unsqueeze(1)  # outliers in the values, so in out_proj's input
+    x = torch.randn(2, 10, 64, requires_grad=True)
+    compiled = torch.compile(attention, backend="quaff", options=TINY_OPTIONS)
+    output, weights = compiled(x, x, x, need_weights=need_weights)
+    expected, expected_weights = attention(x, x, x, need_weights=need_weights)
+    output.sum().backward()
+
+    state = layer_states(attention)["out_proj"]
+    assert state.outlier_channels == [9]
+    assert state.updates == 1
+    torch.testing.assert_close(output, expected, rtol=0.02, atol=0.02 * expected.abs().max().item())
+    if need_weights:
+        torch.testing.assert_close(weights, expected_weights)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_linear_tied_to_the_embedding():
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.requires_grad_(False)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+
+    # skip_fqns=() quantizes lm_head too; the embedding lookup of the same weight stays in float.
+    compiled = torch.compile(model, backend="quaff", options={**TINY_OPTIONS, "skip_fqns": ()})
+    logits = compiled(input_ids=INPUTS).logits
+    expected = model(input_ids=INPUTS).logits
+
+    assert "lm_head" in layer_states(model)
+    torch.testing.assert_close(logits, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], value) for name, value in before.items())

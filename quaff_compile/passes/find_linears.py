@@ -2,7 +2,9 @@
 
 After Dynamo capture, `nn.Linear`, its subclasses and `F.linear` all appear
 as `call_function` nodes whose target is the builtin `torch._C._nn.linear`
-(which `F.linear` is). GPT-2's `Conv1D` appears as `torch.addmm(bias, x, W)`
+(which `F.linear` is). `nn.MultiheadAttention` appears as one
+`F.multi_head_attention_forward` node, whose output projection is matched.
+GPT-2's `Conv1D` appears as `torch.addmm(bias, x, W)`
 with W stored as [in_features, out_features], the transpose of a linear's
 weight; such a match has `transposed=True`. Dynamo in torch 2.13 lifts module
 parameters into graph inputs, so a frozen weight is a placeholder whose
@@ -17,6 +19,7 @@ reason kept on its match for the log and for inspection.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from dataclasses import dataclass
@@ -33,6 +36,9 @@ log = logging.getLogger(__name__)
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
 ADDMM_TARGETS = (torch.addmm, torch.ops.aten.addmm.default)
 CHECKPOINT_TARGET = torch.ops.higher_order.tag_activation_checkpoint
+# Dynamo keeps nn.MultiheadAttention's functional form as one node; its output
+# projection is the linear served (the input projections stay in float).
+MHA_TARGET = torch.nn.functional.multi_head_attention_forward
 
 _ROOT_PATTERN = re.compile(r"""^(L|G)\[(['"])(.+?)\2\]""")
 _PART_PATTERN = re.compile(r"""\[(['"])(.+?)\1\]|\.([A-Za-z_]\w*)|\[(\d+)\]""")
@@ -57,6 +63,9 @@ class LinearMatch:
     # the outer graph, and the outer graph's node that feeds the weight.
     checkpoint: fx.Node | None = None
     outer_weight_node: fx.Node | None = None
+    # True where `node` is a multi_head_attention_forward call and this is its
+    # output projection; `input` is then None (the input is inside the call).
+    mha: bool = False
 
     @property
     def key(self) -> str:
@@ -248,6 +257,10 @@ def find_linears(
         elif node.target in ADDMM_TARGETS and (addmm := _addmm_args(node, example_of)) is not None:
             input_node, weight_node, bias_node = addmm
             transposed = True
+        elif node.target is MHA_TARGET:
+            bound = inspect.signature(MHA_TARGET).bind(*node.args, **node.kwargs).arguments
+            input_node, weight_node, bias_node = None, bound["out_proj_weight"], bound.get("out_proj_bias")
+            transposed = False
         else:
             continue
         weight = example_of(weight_node) if isinstance(weight_node, fx.Node) else None
@@ -274,6 +287,7 @@ def find_linears(
                 weight=weight if isinstance(weight, torch.Tensor) else None,
                 reason=reason,
                 transposed=transposed,
+                mha=node.target is MHA_TARGET,
             )
         )
     return matches

@@ -24,7 +24,8 @@ import math
 import torch
 import torch.fx as fx
 
-from quaff_compile.passes.find_linears import ADDMM_TARGETS, checkpoint_body
+from quaff_compile.numerics import run_mha_forward
+from quaff_compile.passes.find_linears import ADDMM_TARGETS, MHA_TARGET, checkpoint_body
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,27 @@ class _OutlierObserver(fx.Interpreter):
         key = self.prefix + node.name
         if key in self.watched:
             args, kwargs = self.fetch_args_kwargs_from_env(node)
+            if node.target is MHA_TARGET:
+                return self._observe_mha(key, args, kwargs)
             if node.target in ADDMM_TARGETS:  # addmm(bias, x, weight)
                 x = args[1] if len(args) > 1 else kwargs["mat1"]
             else:
                 x = args[0] if args else kwargs["input"]
-            self.channels[key] = select_outlier_channels(x, self.threshold, self.max_ratio)
-            self.input_absmax[key] = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+            self._record(key, x)
         return super().run_node(node)
+
+    def _record(self, key: str, x: torch.Tensor) -> None:
+        self.channels[key] = select_outlier_channels(x, self.threshold, self.max_ratio)
+        self.input_absmax[key] = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+
+    def _observe_mha(self, key: str, args, kwargs):
+        """Run multi_head_attention_forward, recording the input of its output projection."""
+
+        def out_projection(x, weight, bias):
+            self._record(key, x)
+            return torch.nn.functional.linear(x, weight, bias)
+
+        return run_mha_forward(args, kwargs, out_projection)
 
 
 def observe_outlier_channels(

@@ -164,7 +164,28 @@ def rewrite_linears(
         node = match.node
         inputs = {name: threads.into(match.checkpoint, value) for name, value in outer_inputs.items()}
         with node.graph.inserting_before(node):
-            if smoothed:
+            if match.mha:
+                names = ["weight_qdata", "weight_scale"]
+                if smoothed:
+                    names += ["outlier_slots", "outlier_weight", "outlier_weight_absmax", "smooth_scale"]
+                call = node.graph.call_function(
+                    numerics.quaff_mha_forward,
+                    (
+                        tuple(node.args),
+                        dict(node.kwargs),
+                        tuple(inputs[name] for name in names),
+                        threads.into(match.checkpoint, update_flag) if smoothed else None,
+                        momentum,
+                        matmul,
+                        threshold,
+                    ),
+                )
+                # The call returns (output, weights, ...) as the original did for indices 0 and 1.
+                output = call
+                if smoothed:
+                    used = node.graph.call_function(operator.getitem, (call, 2))
+                    hits = node.graph.call_function(operator.getitem, (call, 3))
+            elif smoothed:
                 call = node.graph.call_function(
                     numerics.smoothed_quaff_linear,
                     (
