@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from quaff_compile.compat import register_tracing_substitutes
 from quaff_compile.config import QuaffConfig, QuaffInputError
 from quaff_compile.numerics import int_mm_is_fast
 from quaff_compile.passes.find_linears import LinearMatch, ParameterResolver, find_linears
@@ -38,6 +39,9 @@ from quaff_compile.calibration import normalize_fqn
 from quaff_compile.state import LayerState, get_layer_state, outlier_slots, set_layer_state, take_preset
 
 log = logging.getLogger(__name__)
+
+# Resolving backend="quaff" imports this module before Dynamo traces anything.
+register_tracing_substitutes()
 
 
 class QuaffCompiledGraph:

@@ -234,7 +234,11 @@ def quaff_linear(
 def outlier_hits(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """Count, per input channel, the tokens where |x| exceeds `threshold` times the mean |x| of the input."""
     magnitude = x.detach().reshape(-1, x.shape[-1]).float().abs()
-    return (magnitude > threshold * magnitude.mean()).sum(dim=0)
+    # The mean is summed in float64: Inductor's CPU code sums fp32 over more
+    # than 4096 elements another way, and guards on that count, which would
+    # recompile the graph when a sequence length crosses it.
+    mean = magnitude.sum(dtype=torch.float64) / magnitude.numel()
+    return (magnitude > threshold * mean.float()).sum(dim=0)
 
 
 def smoothed_quaff_linear(

@@ -305,7 +305,9 @@ def test_varying_lengths_do_not_recompile_per_shape(caplog):
                 logits = compiled(input_ids=inputs).logits
                 assert logits.shape == (batch, length, 256)
     compiles = sum("quaff: rewrote" in record.getMessage() for record in caplog.records)
-    assert 1 <= compiles <= 3, compiles
+    # Dynamo specializes sizes of 1, so batch 1, length 1, both and neither
+    # give at most four graphs, as with plain Inductor.
+    assert 1 <= compiles <= 4, compiles
 
 
 def test_nan_and_inf_rows_leave_other_rows_alone():
