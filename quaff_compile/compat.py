@@ -4,9 +4,9 @@ peft 0.21's `dequantize_module_weight`, which DoRA calls on every forward,
 tests `type(module.weight).__module__.startswith("torchao.")`. Dynamo cannot
 trace `type(parameter).__module__`, so it runs the whole PEFT forward eagerly
 and every DoRA layer stays in float, whatever the backend. The substitute
-below answers the common case, a plain `nn.Parameter` weight on a module
-without HQQ's `W_q`, the way peft does (it returns the weight itself), and
-hands every other case to peft's own function. It changes only how Dynamo
+below covers the common case, a plain `nn.Parameter` weight on a module
+without HQQ's `W_q`: like peft, it returns the weight itself. Every other case
+goes to peft's own function. It changes only how Dynamo
 traces that function; eager code still calls peft's.
 """
 

@@ -165,15 +165,12 @@ def rewrite_linears(
         inputs = {name: threads.into(match.checkpoint, value) for name, value in outer_inputs.items()}
         with node.graph.inserting_before(node):
             if match.mha:
-                names = ["weight_qdata", "weight_scale"]
-                if smoothed:
-                    names += ["outlier_slots", "outlier_weight", "outlier_weight_absmax", "smooth_scale"]
                 call = node.graph.call_function(
                     numerics.quaff_mha_forward,
                     (
                         tuple(node.args),
                         dict(node.kwargs),
-                        tuple(inputs[name] for name in names),
+                        tuple(inputs.values()),  # in the order quaff_mha_forward expects
                         threads.into(match.checkpoint, update_flag) if smoothed else None,
                         momentum,
                         matmul,
