@@ -4,7 +4,7 @@ For a frozen linear `Y = X W^T` with outlier input channels O and a
 `smooth_scale` s (1 off O), the rewritten linear computes
 
     X_hat = X / s
-    Y = dequant(int8(X_hat) @ int8(W)^T) + X_hat[:, O] @ ((s_O - 1) * W[:, O])^T + bias
+    Y = dequant(int8(X_hat) @ int8(W)^T) + bias + X_hat[:, O] @ ((s_O - 1) * W[:, O])^T
 
 which equals `X W^T` in exact arithmetic, so the int8 weight is quantized once
 and never touched again when s moves. Activations are quantized per token
@@ -109,6 +109,12 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, matmul: str) -> torch.Tensor:
     elements, each of which is exact.
     """
     if matmul == "int_mm":
+        # torch 2.13's CPU _int_mm returns wrong sums for an operand with a
+        # zero stride (an expanded tensor) on CPUs with AVX512-VNNI or AMX.
+        if 0 in a.stride():
+            a = a.contiguous()
+        if 0 in b.stride():
+            b = b.contiguous()
         rows = a.shape[0]
         if a.is_cuda and rows <= 16:
             # CUDA's _int_mm rejects 16 rows or fewer; pad with zero rows.
@@ -188,12 +194,14 @@ class QuaffLinearFunction(torch.autograd.Function):
         qdata, act_scale = quantize_per_token(x_2d)
         accumulator = int8_matmul(qdata, weight_qdata.t(), matmul)
         y = accumulator.float() * act_scale * weight_scale
-
+        # The bias goes in before the correction term: Inductor then fuses it
+        # into the dequantization kernel, and the correction matmul adds onto
+        # that kernel's output (an addmm), with no elementwise kernel of its own.
+        if bias is not None:
+            y = y + bias.float()
         if outlier_channels is not None:
             correction_weight = (smooth_scale.float() - 1.0).unsqueeze(0) * outlier_weight.float()
             y = y + x_2d.index_select(1, outlier_channels) @ correction_weight.t()
-        if bias is not None:
-            y = y + bias.float()
         return y.reshape(*x.shape[:-1], out_features)
 
     @staticmethod

@@ -126,7 +126,9 @@ def test_int_mm_exact_property(operands, matmul):
     layout, a, b = operands
     exact = (a.long() @ b.long()).int()
     assert torch.equal(int8_matmul(a, b, matmul), exact), layout
-    if matmul == "int_mm":
+    if matmul == "int_mm" and layout != "expanded":
+        # torch's own kernel too, except on expanded operands, which its CPU
+        # kernel gets wrong on CPUs with AVX512-VNNI or AMX (int8_matmul copies them).
         assert torch.equal(torch._int_mm(a, b), exact), layout
 
 
