@@ -52,7 +52,7 @@ def parse_calls(code: str) -> list[list[Call]]:
     """Return the calls of each `call` function of a generated module, in order.
 
     A kernel's parameters are named `in_ptr`, `out_ptr` or `in_out_ptr` in its
-    C signature, which tells what it reads and writes.
+    C signature, which shows what it reads and writes.
     """
     roles = {}
     for name, parameters in _KERNEL_DEFINITION.findall(code):
@@ -152,7 +152,7 @@ def two_frozen_inputs():
     return model, x
 
 
-def test_forward_has_one_fused_int_mm_per_linear():
+def test_forward_fused_per_linear():
     model, x = two_frozen_inputs()
     forward, backward = (parse_calls(code) for code in generated_code(model, x, INT_MM_OPTIONS))
     (forward,), (backward,) = forward, backward
@@ -169,7 +169,7 @@ def test_forward_has_one_fused_int_mm_per_linear():
     assert [(call.name, call.reads[0]) for call in consumers] == [("addmm", output)]
 
 
-def test_backward_has_one_fused_int_mm_per_linear():
+def test_backward_fused_per_linear():
     model, x = two_frozen_inputs()
     _, backward = (parse_calls(code) for code in generated_code(model, x, INT_MM_OPTIONS))
     (backward,) = backward
@@ -177,17 +177,16 @@ def test_backward_has_one_fused_int_mm_per_linear():
     assert len(check_int_mm_calls(backward)) == 2
 
 
-def test_peft_llama_has_one_int_mm_per_linear_and_matmul():
+def test_peft_llama_int_mm_count():
     model = tiny_peft_llama()
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     functions = [calls for code in generated_code(model, ids, INT_MM_OPTIONS) for calls in parse_calls(code)]
     forward, backward = functions
-    # 2 layers of 7 frozen projections. Every tiny layer has outlier slots
-    # here; where several of them read one input (q, k and v; gate and up),
-    # Inductor may put their per-token amax into one shared reduction kernel,
-    # ahead of each layer's own rounding kernel, so only the simple model
-    # above pins the amax and the rounding to one kernel.
+    # 2 layers of 7 frozen projections, all with outlier slots. Where several
+    # layers read one input (q, k and v, or gate and up), Inductor may compute
+    # their per-token amax in one shared reduction kernel. So only the simple
+    # model above requires the amax and the rounding in one kernel.
     assert len(check_int_mm_calls(forward, scale_in_kernel=False)) == 14
-    # Layer 0's q, k and v take the frozen embedding through a frozen norm, so
-    # nothing upstream of them needs a gradient; the other 11 do.
+    # Layer 0's q, k and v read the frozen embedding through a frozen norm, so
+    # their input needs no gradient. The other 11 inputs do.
     assert len(check_int_mm_calls(backward, scale_in_kernel=False)) == 11
