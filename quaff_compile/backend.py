@@ -32,6 +32,7 @@ import torch.fx as fx
 from quaff_compile.compat import register_tracing_substitutes
 from quaff_compile.config import QuaffConfig, QuaffInputError
 from quaff_compile.numerics import int_mm_is_fast
+from quaff_compile.offload import offload_weight
 from quaff_compile.passes.find_linears import LinearMatch, ParameterResolver, find_linears
 from quaff_compile.passes.observe_outliers import observe_outlier_channels
 from quaff_compile.passes.rewrite_linears import RewriteResult, rewrite_linears
@@ -176,6 +177,9 @@ class QuaffCompiledGraph:
                 state.start_smooth_scale(input_absmax[linear.match.key])
             set_layer_state(weight, state)
             log.debug("%s: outlier channels %s", fqn, state.outlier_channels)
+            folder = self.config.offload_folder()
+            if folder is not None and offload_weight(weight, folder):
+                state.note_new_storage(weight)
 
     def _store(self, smoothed, smooth_scales, hits) -> None:
         """After a training forward: store the smooth scales and feed the hits to calibration and the monitor."""

@@ -51,6 +51,10 @@ class QuaffConfig:
             fixed.
         strict: when the pass fails on a graph, raise instead of compiling
             that graph with Inductor in float and warning once.
+        offload_weights: False, True or a folder. When set, the float weight
+            of each quantized CPU linear moves into a memory-mapped file in
+            that folder (True: `~/.cache/quaff_compile/offload`), which
+            frees its memory while keeping its values (see `offload.py`).
     """
 
     momentum: float = 0.9
@@ -62,6 +66,7 @@ class QuaffConfig:
     outlier_channels: Mapping[str, list[int]] | str | None = None
     online_calibration_steps: int = 8
     strict: bool = False
+    offload_weights: bool | str | os.PathLike = False
 
     def __post_init__(self) -> None:
         if isinstance(self.skip_fqns, str) or not all(isinstance(name, str) for name in self.skip_fqns):
@@ -83,6 +88,10 @@ class QuaffConfig:
             raise ValueError(f"online_calibration_steps must be an integer of at least 1, got {self.online_calibration_steps!r}")
         if not isinstance(self.strict, bool):
             raise ValueError(f"strict must be True or False, got {self.strict!r}")
+        if not isinstance(self.offload_weights, (bool, str, os.PathLike)) or self.offload_weights == "":
+            raise ValueError(
+                f"offload_weights must be True, False or a folder path, got {self.offload_weights!r}"
+            )
         if self.outlier_channels is not None:
             from quaff_compile.calibration import resolve_outlier_channels
 
@@ -106,6 +115,18 @@ class QuaffConfig:
             ]
             raise ValueError(f"unknown quaff backend option(s) {', '.join(hints)}; known options are {known}")
         return cls(**options)
+
+    def offload_folder(self):
+        """Return the folder for offloaded float weights, or None when they stay in memory."""
+        from pathlib import Path
+
+        from quaff_compile.offload import default_folder
+
+        if self.offload_weights is False:
+            return None
+        if self.offload_weights is True:
+            return default_folder()
+        return Path(self.offload_weights).expanduser()
 
     def should_quantize(self, module: torch.nn.Module | None, fqn: str) -> bool:
         """Return whether the linear at `fqn` passes the user's filter."""

@@ -189,13 +189,18 @@ class LayerState:
             setattr(self, name, getattr(fresh, name))
         self.num_outliers = fresh.num_outliers
 
+    def note_new_storage(self, weight: torch.Tensor) -> None:
+        """Record that `weight` holds the same values in new storage (offloaded), so it is not stale."""
+        self.weight_version = weight._version
+        self.weight_pointer = weight.data_ptr()
+
     def refresh_if_stale(self, weight: torch.Tensor) -> bool:
         """Quantize the weight again, in place, when its data changed since the last time.
 
         An in-place change (`load_state_dict`, `copy_`) bumps the tensor's
         version counter. Changes through `.data`, which PEFT's adapter merge
         uses, bump nothing, so this also compares the storage pointer and a
-        strided sample of 256 weights. Returns whether anything was quantized.
+        sample of 256 weights (`_weight_sample`). Returns whether anything was quantized.
         """
         sample = _weight_sample(weight)
         if (
@@ -226,10 +231,21 @@ class LayerState:
         return True
 
 
+SAMPLE_BLOCKS = 8
+SAMPLE_BLOCK_SIZE = 32
+
+
 def _weight_sample(weight: torch.Tensor) -> torch.Tensor:
-    """Return about 256 weights spread over the whole tensor, as a cheap change detector."""
+    """Return 8 runs of 32 weights spread over the whole tensor, as a cheap change detector.
+
+    Runs of neighbours, instead of single weights far apart, touch at most 16
+    memory pages, so a weight offloaded to a file stays out of memory.
+    """
     flat = weight.detach().reshape(-1)
-    return flat[:: max(1, flat.numel() // 256)].clone()
+    if flat.numel() <= SAMPLE_BLOCKS * SAMPLE_BLOCK_SIZE:
+        return flat.clone()
+    starts = torch.linspace(0, flat.numel() - SAMPLE_BLOCK_SIZE, SAMPLE_BLOCKS).long().tolist()
+    return torch.cat([flat[start:start + SAMPLE_BLOCK_SIZE] for start in starts])
 
 
 def _top_channels(counts: torch.Tensor, limit: int) -> list[int]:
