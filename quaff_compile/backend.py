@@ -179,7 +179,7 @@ class QuaffCompiledGraph:
             log.debug("%s: outlier channels %s", fqn, state.outlier_channels)
             folder = self.config.offload_folder()
             if folder is not None and offload_weight(weight, folder):
-                state.note_new_storage(weight)
+                state.note_offloaded(weight)
 
     def _store(self, smoothed, smooth_scales, hits) -> None:
         """After a training forward: store the smooth scales and feed the hits to calibration and the monitor."""

@@ -17,15 +17,34 @@ process's memory, as with any private mapping, and never reaches the file.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
+
+# madvise(2) advice that reclaims the pages of a range: clean file pages are
+# dropped (read again from the file when touched), changed ones are kept or
+# swapped, so no data is lost. Linux 5.4 and later; Python's mmap lacks the name.
+MADV_PAGEOUT = 21
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def page_out(tensor: torch.Tensor) -> None:
+    """Ask the kernel to reclaim the whole memory pages inside `tensor`'s storage (a hint, never a loss)."""
+    if _LIBC is None or tensor.device.type != "cpu":
+        return
+    storage = tensor.untyped_storage()
+    start = -(-storage.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (storage.data_ptr() + storage.nbytes()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT)
 
 
 def default_folder() -> Path:
@@ -50,6 +69,7 @@ def offload_weight(weight: torch.Tensor, folder: Path) -> bool:
         return False
     if data.numel() == 0:
         return False
+    original = data
     data = data.contiguous()
     raw = data.view(-1).view(torch.uint8)
     try:
@@ -74,7 +94,10 @@ def offload_weight(weight: torch.Tensor, folder: Path) -> bool:
     if not torch.equal(mapped, data):
         log.warning("offload_weights: the file read back differs from the weight; the weight stays in memory")
         return False
-    # The comparison paged the whole file in: hand those unmodified pages back.
-    mapping.madvise(mmap.MADV_DONTNEED)
+    # Reclaim the pages the comparison read, and those of the old data: a
+    # model loaded by mapping its safetensors file keeps that mapping alive
+    # for its other parameters.
+    page_out(mapped)
+    page_out(original)
     weight.data = mapped
     return True

@@ -17,6 +17,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from quaff_compile.config import QuaffInputError
 from quaff_compile.numerics import quantize_weight_per_channel
+from quaff_compile.offload import page_out
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class LayerState:
     # True where the parameter is stored as [in_features, out_features] (GPT-2's
     # Conv1D); every method takes the parameter as stored.
     transposed: bool = False
+    # True while the float weight is a memory map of a file (`offload_weights`).
+    offloaded: bool = False
 
     def __repr__(self) -> str:
         scales = [round(value, 4) for value in self.smooth_scale[: self.num_outliers].tolist()]
@@ -189,10 +192,11 @@ class LayerState:
             setattr(self, name, getattr(fresh, name))
         self.num_outliers = fresh.num_outliers
 
-    def note_new_storage(self, weight: torch.Tensor) -> None:
-        """Record that `weight` holds the same values in new storage (offloaded), so it is not stale."""
+    def note_offloaded(self, weight: torch.Tensor) -> None:
+        """Record that `weight` holds the same values in a memory-mapped file now, so it is not stale."""
         self.weight_version = weight._version
         self.weight_pointer = weight.data_ptr()
+        self.offloaded = True
 
     def refresh_if_stale(self, weight: torch.Tensor) -> bool:
         """Quantize the weight again, in place, when its data changed since the last time.
@@ -203,11 +207,12 @@ class LayerState:
         sample of 256 weights (`_weight_sample`). Returns whether anything was quantized.
         """
         sample = _weight_sample(weight)
-        if (
-            weight._version == self.weight_version
-            and weight.data_ptr() == self.weight_pointer
-            and torch.equal(sample, self.weight_sample)
-        ):
+        same_storage = weight.data_ptr() == self.weight_pointer
+        if self.offloaded and same_storage:
+            # Reading the sample mapped some pages of the file: hand them back.
+            page_out(weight)
+        self.offloaded = self.offloaded and same_storage
+        if weight._version == self.weight_version and same_storage and torch.equal(sample, self.weight_sample):
             return False
         with torch.no_grad():
             linear_weight = self.linear_weight(weight.detach())
@@ -238,8 +243,8 @@ SAMPLE_BLOCK_SIZE = 32
 def _weight_sample(weight: torch.Tensor) -> torch.Tensor:
     """Return 8 runs of 32 weights spread over the whole tensor, as a cheap change detector.
 
-    Runs of neighbours, instead of single weights far apart, touch at most 16
-    memory pages, so a weight offloaded to a file stays out of memory.
+    Runs of neighbours, instead of single weights far apart, read fewer
+    memory pages of a weight offloaded to a file.
     """
     flat = weight.detach().reshape(-1)
     if flat.numel() <= SAMPLE_BLOCKS * SAMPLE_BLOCK_SIZE:

@@ -34,7 +34,7 @@ def resident_anonymous_kib() -> int:
     raise AssertionError("RssAnon not found in /proc/self/status")
 
 
-def test_offloaded_weight_keeps_values_and_leaves_no_file(tmp_path):
+def test_offload_keeps_values_no_file(tmp_path):
     weight = torch.nn.Parameter(torch.randn(512, 1024), requires_grad=False)
     original = weight.detach().clone()
 
@@ -47,7 +47,7 @@ def test_offloaded_weight_keeps_values_and_leaves_no_file(tmp_path):
     assert len(mapped_files(tmp_path)) == 1
 
 
-def test_offloaded_weight_leaves_anonymous_memory():
+def test_offload_frees_anonymous_memory():
     weight = torch.nn.Parameter(torch.randn(4096, 4096), requires_grad=False)  # 64 MiB
     before = resident_anonymous_kib()
 
@@ -71,7 +71,7 @@ def test_offload_keeps_dtype_and_bits(tmp_path, dtype):
     assert torch.equal(weight.view(torch.uint8), original.view(torch.uint8))
 
 
-def test_unwritable_folder_keeps_the_weight(tmp_path, caplog):
+def test_unwritable_folder_keeps_weight(tmp_path, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     weight = torch.nn.Parameter(torch.randn(64, 64), requires_grad=False)
@@ -103,7 +103,7 @@ def _train(model, options, steps=2):
     return compiled, losses
 
 
-def test_training_with_offload_matches_and_checkpoints_stay_exact(tmp_path):
+def test_offload_training_and_checkpoints(tmp_path):
     folder = tmp_path / "offload"
     model = tiny_peft_llama()
     reference = tiny_peft_llama()
