@@ -10,7 +10,7 @@ import torch
 
 from quaff_compile import layer_states
 from quaff_compile.config import QuaffConfig
-from quaff_compile.offload import offload_weight
+from quaff_compile.offload import offload_weight, page_out
 from tests.conftest import TINY_OPTIONS, tiny_peft_llama
 
 
@@ -20,18 +20,19 @@ def mapped_files(folder: Path) -> list[str]:
     return [line for line in lines if str(folder) in line and line.endswith("(deleted)")]
 
 
-def resident_file_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssFile:"):
-            return int(line.split()[1])
-    raise AssertionError("RssFile not found in /proc/self/status")
-
-
-def resident_anonymous_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1])
-    raise AssertionError("RssAnon not found in /proc/self/status")
+def mapping_resident_kib(tensor: torch.Tensor) -> int:
+    """Return the resident KiB of the memory map that contains `tensor`'s first element."""
+    address, resident, inside = tensor.data_ptr(), None, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        first = line.split(" ", 1)[0]
+        if "-" in first and all(c in "0123456789abcdef-" for c in first):
+            low, high = (int(part, 16) for part in first.split("-"))
+            inside = low <= address < high
+        elif inside and line.startswith("Rss:"):
+            resident = int(line.split()[1])
+    if resident is None:
+        raise AssertionError(f"no memory map contains address {address:#x}")
+    return resident
 
 
 def test_offload_keeps_values_no_file(tmp_path):
@@ -47,18 +48,21 @@ def test_offload_keeps_values_no_file(tmp_path):
     assert len(mapped_files(tmp_path)) == 1
 
 
-def test_offload_frees_anonymous_memory():
+def test_offload_pages_stay_out_of_memory(tmp_path):
     weight = torch.nn.Parameter(torch.randn(4096, 4096), requires_grad=False)  # 64 MiB
-    before = resident_anonymous_kib()
 
-    assert offload_weight(weight, Path.home() / ".cache" / "quaff_compile_test")
+    assert offload_weight(weight, tmp_path)
 
-    assert before - resident_anonymous_kib() > 48 * 1024
-    # Reading pages the file in; a write copies pages and never reaches the file.
-    file_before = resident_file_kib()
+    # The comparison after writing read the file; its pages were handed back.
+    assert mapping_resident_kib(weight) < 16 * 1024
+    # Reading pages the file in, and page_out hands the pages back again.
     weight.sum()
-    assert resident_file_kib() - file_before > 48 * 1024
+    assert mapping_resident_kib(weight) > 48 * 1024
+    page_out(weight)
+    assert mapping_resident_kib(weight) < 16 * 1024
+    # A write goes to a private copy of its page, which paging out keeps.
     weight.data[0, 0] = 7.0
+    page_out(weight)
     assert weight[0, 0] == 7.0
 
 
