@@ -38,6 +38,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,7 +69,7 @@ VARIANTS = (
     "quaff_bf16_autocast",
 )
 REFERENCE = "inductor_fp32"
-# The one option the quaff variant sets: float weights of int8 linears go to memory-mapped files.
+# The one option both quaff variants set: float weights of int8 linears go to memory-mapped files.
 QUAFF_OPTIONS = {"offload_weights": True}
 
 
@@ -86,6 +87,7 @@ def peak_rss_mb() -> float:
 
 
 def current_rss_mb() -> float:
+    """Return this process's resident set size now, in MiB."""
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
 
@@ -177,8 +179,7 @@ def time_variant(name: str, base_model, batches, args) -> dict:
     model.train()
     compiled, step_context = build_variant(name, model, args)
     times, losses, (nonzero, trainable) = train_steps(compiled, model, step_context, batches, args.lr)
-    timed = times[1 + args.warmup:]
-    step_time = sorted(timed)[len(timed) // 2]
+    step_time = statistics.median(times[1 + args.warmup:])
     tokens = batches[0]["input_ids"].numel()
     print(
         f"{name}: first step {times[0]:.2f} s, median step {step_time:.3f} s, losses {losses[0]:.3f} -> "
@@ -197,14 +198,10 @@ def time_variant(name: str, base_model, batches, args) -> dict:
 
 def measure_memory_here(name: str, args) -> dict:
     """In a child process: load the model, run the variant for a few steps, report the peak RSS."""
-    from peft import LoraConfig, get_peft_model
-
     base_model, _, rows, _ = load_main_job(seq_len=args.seq_len)
     loaded_rss = current_rss_mb()
-    torch.manual_seed(0)
-    base_model.config.use_cache = False
-    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear")
-    model = get_peft_model(base_model, lora)
+    # No copy of the base model here: a second set of weights would count in the peak.
+    model = _make_peft_model(base_model, args.lora_r, seed=0, copy_base=False)
     model.train()
     compiled, step_context = build_variant(name, model, args)
     train_steps(compiled, model, step_context, fixed_batches(rows, args.batch_size, 1 + args.memory_steps), args.lr)
@@ -242,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of %(default)s")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (default: %(default)s)")
+
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per step (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: %(default)s)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default: %(default)s)")
@@ -252,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--memory-steps", type=int, default=2, help="steps after the first in each memory run (default: %(default)s)"
     )
+
     parser.add_argument("--no-memory", action="store_true", help="skip the child processes that measure peak memory")
     parser.add_argument("--memory-only", action="store_true", help="only run the child processes that measure peak memory")
     parser.add_argument(

@@ -148,11 +148,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _make_peft_model(base_model, lora_r: int, seed: int):
+def _make_peft_model(base_model, lora_r: int, seed: int, copy_base: bool = True):
+    """Wrap `base_model` (a copy of it, unless `copy_base` is False) with LoRA on all linears."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    model = copy.deepcopy(base_model)
+    model = copy.deepcopy(base_model) if copy_base else base_model
     model.config.use_cache = False
     lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules="all-linear")
     return get_peft_model(model, lora)

@@ -69,8 +69,8 @@ def default_folder() -> Path:
 def offload_weight(weight: torch.Tensor, folder: Path) -> bool:
     """Replace the data of the CPU parameter `weight` by a memory map of a file holding the same values.
 
-    Returns False, leaving the weight as it was, where it is not on the CPU
-    or the file cannot be written (the reason is logged).
+    Returns False, leaving the weight as it was, where it is not a contiguous
+    CPU tensor or the file cannot be written (the reason is logged).
     """
     data = weight.detach()
     if data.device.type != "cpu":
@@ -78,8 +78,10 @@ def offload_weight(weight: torch.Tensor, folder: Path) -> bool:
         return False
     if data.numel() == 0:
         return False
-    original = data
-    data = data.contiguous()
+    if not data.is_contiguous():
+        # A contiguous copy would change the parameter's strides, which Dynamo guards on.
+        log.debug("offload_weights: a non-contiguous weight stays in memory")
+        return False
     raw = data.view(-1).view(torch.uint8)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -114,6 +116,6 @@ def offload_weight(weight: torch.Tensor, folder: Path) -> bool:
     # model loaded by mapping its safetensors file keeps that mapping alive
     # for its other parameters.
     page_out(mapped)
-    page_out(original)
+    page_out(data)
     weight.data = mapped
     return True

@@ -193,7 +193,7 @@ class LayerState:
         self.num_outliers = fresh.num_outliers
 
     def note_offloaded(self, weight: torch.Tensor) -> None:
-        """Record that `weight` holds the same values in a memory-mapped file now, so it is not stale."""
+        """Record that `weight` now contains the same values in a memory-mapped file, so it is not stale."""
         self.weight_version = weight._version
         self.weight_pointer = weight.data_ptr()
         self.offloaded = True
@@ -249,7 +249,8 @@ def _weight_sample(weight: torch.Tensor) -> torch.Tensor:
     flat = weight.detach().reshape(-1)
     if flat.numel() <= SAMPLE_BLOCKS * SAMPLE_BLOCK_SIZE:
         return flat.clone()
-    starts = torch.linspace(0, flat.numel() - SAMPLE_BLOCK_SIZE, SAMPLE_BLOCKS).long().tolist()
+    last = flat.numel() - SAMPLE_BLOCK_SIZE
+    starts = [index * last // (SAMPLE_BLOCKS - 1) for index in range(SAMPLE_BLOCKS)]
     return torch.cat([flat[start:start + SAMPLE_BLOCK_SIZE] for start in starts])
 
 

@@ -86,6 +86,14 @@ def test_unwritable_folder_keeps_weight(tmp_path, caplog):
     assert "weights stay in memory" in caplog.text
 
 
+def test_non_contiguous_weight_stays(tmp_path):
+    weight = torch.nn.Parameter(torch.randn(96, 64).t(), requires_grad=False)
+    stride = weight.stride()
+    assert not offload_weight(weight, tmp_path)
+    assert weight.stride() == stride
+    assert mapped_files(tmp_path) == []
+
+
 @pytest.mark.parametrize("value", ["", 3, None])
 def test_invalid_offload_option(value):
     with pytest.raises(ValueError, match="offload_weights must be True, False or a folder path"):
